@@ -1,0 +1,34 @@
+# Two commands for a newcomer: `make demo` and `make test`. Everything installs into .venv.
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Re-install only when a dependency file changes; a second `make test` reuses the venv.
+STAMP := $(VENV)/.installed
+PG_URL ?= postgresql+psycopg2://postgres@127.0.0.1:5432/test
+
+.PHONY: venv test test-fast lint postgres demo bench clean
+
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check \
+		-r requirements.txt -r requirements-dev.txt -c constraints.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $@
+
+venv: $(STAMP)
+
+postgres:
+	scripts/ensure-postgres
+
+test: venv postgres
+	GROWTHHUB_TEST_PG_URL=$(PG_URL) $(VENV)/bin/pytest
+
+# Everything but the tests marked slow: for the edit-test loop, not a substitute for `make test`.
+test-fast: venv postgres
+	GROWTHHUB_TEST_PG_URL=$(PG_URL) $(VENV)/bin/pytest -m "not slow"
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+clean:
+	rm -rf $(VENV) .airflow .pytest_cache .ruff_cache
