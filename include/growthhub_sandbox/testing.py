@@ -1,0 +1,172 @@
+"""Test helpers: run the sandbox in a subprocess and drive its ``/_sandbox`` admin API.
+
+::
+
+    with SandboxProcess(args=["--burst", "100000"]) as server:
+        admin = SandboxAdmin(server.base_url)
+        admin.reset()
+        admin.put_location("loc1", allowDuplicateContact=False, duplicateCheckFields=["email", "phone"])
+        admin.add_token(token="tok", locationId="loc1", scopes=["contacts.write"])
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import requests
+
+_PACKAGE_PARENT = str(Path(__file__).resolve().parent.parent)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+class SandboxProcess:
+    """``python -m growthhub_sandbox`` on a free loopback port; a real uvicorn, not an in-process app.
+
+    :param args: extra command-line options (``--burst``, ``--config`` ...)
+    :param startup_timeout: seconds to wait for ``/_sandbox/health``
+    """
+
+    def __init__(
+        self, args: list[str] | None = None, *, host: str = "127.0.0.1", startup_timeout: float = 30
+    ) -> None:
+        self.args = list(args or [])
+        self.host = host
+        self.startup_timeout = startup_timeout
+        self.port: int | None = None
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path: str | None = None
+
+    @property
+    def base_url(self) -> str:
+        if self.port is None:
+            raise RuntimeError("SandboxProcess is not started")
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> SandboxProcess:
+        # A port found free can be taken before the server binds it: try a few.
+        for _attempt in range(3):
+            if self._start_once():
+                return self
+        tail = self.log_tail()
+        self._remove_log()
+        raise RuntimeError(f"sandbox exited during startup; log:\n{tail}")
+
+    def _start_once(self) -> bool:
+        self._remove_log()
+        self.port = free_port(self.host)
+        fd, self.log_path = tempfile.mkstemp(prefix="growthhub-sandbox-", suffix=".log")
+        # works from a checkout even before `pip install -e .`
+        python_path = os.pathsep.join(filter(None, [_PACKAGE_PARENT, os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": python_path}
+        cmd = [
+            sys.executable,
+            "-m",
+            "growthhub_sandbox",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            *self.args,
+        ]
+        with os.fdopen(fd, "wb") as log:
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)  # noqa: S603
+        deadline = time.monotonic() + self.startup_timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                return False
+            try:
+                if requests.get(f"{self.base_url}/_sandbox/health", timeout=1).ok:
+                    return True
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        tail = self.log_tail()
+        self.stop()
+        raise RuntimeError(f"sandbox not ready after {self.startup_timeout}s; log:\n{tail}")
+
+    def log_tail(self, lines: int = 30) -> str:
+        if not self.log_path or not os.path.exists(self.log_path):
+            return ""
+        return "\n".join(Path(self.log_path).read_text(errors="replace").splitlines()[-lines:])
+
+    def _remove_log(self) -> None:
+        if self.log_path and os.path.exists(self.log_path):
+            os.remove(self.log_path)
+        self.log_path = None
+
+    def stop(self) -> None:
+        """SIGTERM (uvicorn shuts down gracefully), then SIGKILL if it is still there after 10 s."""
+        if self.process is None:
+            return
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=10)
+        self.process = None
+        self._remove_log()
+
+    def __enter__(self) -> SandboxProcess:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+class SandboxAdmin:
+    """Small client of the ``/_sandbox`` admin API; every call raises on an HTTP error."""
+
+    def __init__(self, base_url: str, *, timeout: float = 10) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.session = requests.Session()
+
+    def _call(self, method: str, path: str, json: Any = None) -> Any:
+        response = self.session.request(
+            method, f"{self.base_url}/_sandbox{path}", json=json, timeout=self.timeout
+        )
+        response.raise_for_status()
+        return response.json()
+
+    def health(self) -> dict[str, Any]:
+        return self._call("GET", "/health")
+
+    def reset(self) -> None:
+        """Back to the server's startup config; contacts, limits, faults and stats cleared."""
+        self._call("POST", "/reset")
+
+    def put_location(self, location_id: str, **settings: Any) -> dict[str, Any]:
+        """``allowDuplicateContact``, ``duplicateCheckFields``, ``customFields``, ``users``, ``rateLimit``."""
+        return self._call("PUT", f"/locations/{location_id}", settings)
+
+    def add_token(self, **token: Any) -> dict[str, Any]:
+        """``token``, ``locationId``, ``scopes``, ``expiresIn``, ``refreshToken``, ``clientId``,
+        ``clientSecret``; the location must exist."""
+        return self._call("POST", "/tokens", token)
+
+    def set_faults(self, **faults: Any) -> dict[str, Any]:
+        """Replace all fault knobs (unset ones are off); see ``models.FaultConfig``."""
+        return self._call("PUT", "/faults", faults)
+
+    def contacts(self, location_id: str) -> list[dict[str, Any]]:
+        return self._call("GET", f"/locations/{location_id}/contacts")["contacts"]
+
+    def stats(self) -> dict[str, Any]:
+        return self._call("GET", "/stats")
+
+    def close(self) -> None:
+        self.session.close()
