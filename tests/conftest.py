@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from growthhub_provider.hooks import growthhub
 from growthhub_sandbox.testing import SandboxAdmin, SandboxProcess
 
 # High enough that no suite is throttled unless it configures a location's rateLimit itself.
@@ -26,3 +27,9 @@ def sandbox(sandbox_server: SandboxProcess) -> Iterator[SandboxAdmin]:
     admin.reset()
     yield admin
     admin.close()
+
+
+@pytest.fixture(autouse=True)
+def _own_rate_limiters(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hook limiters are shared per process and location; a test must not inherit another's window."""
+    monkeypatch.setattr(growthhub, "_LIMITERS", {})

@@ -1,0 +1,126 @@
+"""Client-side rate limiter for GrowthHub's per-location burst window and daily quota."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+
+def _int_header(headers: Mapping[str, str], name: str) -> int | None:
+    value = headers.get(name)
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+class RateLimiter:
+    """
+    Sliding-window limiter shared by every worker thread (and every hook) sending to one location.
+
+    A request holds a slot from the moment it is sent until ``interval`` after its *response*
+    arrived. The server counts a request somewhere between those two instants, so no window the
+    server can draw ever sees more than ``burst`` requests from us: the limiter runs at the
+    configured rate minus one latency per window, without 429s.
+
+    Server headers win over the defaults (``X-RateLimit-Max``, ``-Interval-Milliseconds``);
+    a limit set explicitly on the connection stays a cap. ``X-RateLimit-Remaining`` below our own
+    count means someone else spends the same quota, so the difference is booked as used.
+
+    :param burst: requests allowed per ``interval_s``.
+    :param interval_s: length of the burst window in seconds.
+    :param burst_cap: explicit upper bound from the connection, kept even if the server allows more.
+    :param daily: requests allowed per day: the estimate of what is left until a response says.
+    """
+
+    def __init__(
+        self, burst: int, interval_s: float, burst_cap: int | None = None, daily: int | None = None
+    ) -> None:
+        self.burst = burst
+        self.interval_s = interval_s
+        self.burst_cap = burst_cap
+        self.daily_remaining = daily
+        self._day = 0
+        self._done: deque[float] = deque()
+        self._in_flight = 0
+        self._blocked_until = 0.0
+        self._cond = threading.Condition()
+
+    def acquire(self, daily_reserve: int | None = None) -> bool:
+        """
+        Block until a request may be sent and take its slot.
+
+        :param daily_reserve: refuse (return ``False``) once the known daily quota is down to this;
+            ``None`` ignores the daily quota (retries of a row already sent).
+        """
+        with self._cond:
+            while True:
+                if (
+                    daily_reserve is not None
+                    and self.daily_remaining is not None
+                    and self.daily_remaining <= daily_reserve
+                ):
+                    return False
+                now = time.monotonic()
+                self._expire(now)
+                if now < self._blocked_until:
+                    self._cond.wait(self._blocked_until - now)
+                elif len(self._done) + self._in_flight < self.burst:
+                    self._in_flight += 1
+                    if self.daily_remaining is not None:
+                        self.daily_remaining -= 1
+                    return True
+                elif self._done:
+                    self._cond.wait(self._done[0] + self.interval_s - now)
+                else:
+                    self._cond.wait()
+
+    def release(self, headers: Mapping[str, str] | None = None, *, throttled: bool = False) -> None:
+        """
+        Give back the slot taken by :meth:`acquire` once the response (or the error) is in.
+
+        :param headers: response headers, to learn the server's limits and remaining quota.
+        :param throttled: the server answered 429: stop sending for a whole interval, since no
+            header says when the window frees up.
+        """
+        with self._cond:
+            now = time.monotonic()
+            self._in_flight -= 1
+            self._done.append(now)
+            if headers is not None:
+                self._adapt(headers, now)
+            if throttled:
+                self._blocked_until = max(self._blocked_until, now + self.interval_s)
+            self._cond.notify_all()
+
+    def _adapt(self, headers: Mapping[str, str], now: float) -> None:
+        burst = _int_header(headers, "X-RateLimit-Max")
+        interval_ms = _int_header(headers, "X-RateLimit-Interval-Milliseconds")
+        remaining = _int_header(headers, "X-RateLimit-Remaining")
+        daily = _int_header(headers, "X-RateLimit-Daily-Remaining")
+        if burst is not None and burst > 0:
+            self.burst = min(burst, self.burst_cap) if self.burst_cap else burst
+        if interval_ms is not None and interval_ms > 0:
+            self.interval_s = interval_ms / 1000
+        if remaining is not None and burst is not None:
+            self._expire(now)
+            unseen = (burst - remaining) - (len(self._done) + self._in_flight)
+            self._done.extend([now] * min(max(unseen, 0), self.burst))
+        if daily is not None:
+            # Requests still in flight may not be in this figure yet; and answers overtake each
+            # other, so within a UTC day the estimate only goes down.
+            estimate = max(daily - self._in_flight, 0)
+            day = int(time.time() // 86_400)
+            if self.daily_remaining is None or day != self._day or estimate < self.daily_remaining:
+                self.daily_remaining = estimate
+            self._day = day
+
+    def _expire(self, now: float) -> None:
+        horizon = now - self.interval_s
+        while self._done and self._done[0] <= horizon:
+            self._done.popleft()
