@@ -30,7 +30,7 @@ import requests
 import tenacity
 from airflow.providers.common.compat.sdk import AirflowException
 from airflow.providers.http.hooks.http import HttpHook
-from airflow.sdk.log import mask_secret
+from airflow.sdk.log import mask_secret, redact
 from airflow.utils.strings import to_boolean
 from requests_toolbelt.adapters.socket_options import TCPKeepAliveAdapter
 
@@ -48,6 +48,12 @@ DEFAULT_MAX_WORKERS = 64
 UPSERT_ENDPOINT = "/contacts/upsert"
 OAUTH_ENDPOINT = "/oauth/token"
 _CONNECTION_TEST_CONTACT = "growthhub-connection-test"
+# An upsert answer is a few KB; a body past this comes from something broken (a proxy, a bug) and
+# is cut, its connection dropped, rather than read into a worker's memory.
+MAX_RESPONSE_BYTES = 1024 * 1024
+# Bodies and API messages quoted in errors, outcomes and logs are cut to this many characters.
+MAX_MESSAGE_CHARS = 500
+MAX_MESSAGES = 20
 
 OutcomeStatus = Literal["created", "updated", "rejected", "failed", "skipped"]
 
@@ -99,6 +105,23 @@ class GrowthHubTransientError(GrowthHubError):
         self.status = status
         self.message = message
         self.throttled = status == 429
+
+
+class GrowthHubBadResponse(GrowthHubError):
+    """
+    A 2xx answer whose body is unusable: not JSON, not an object, no ``contact.id``, empty or huge.
+
+    Whether the write happened is unknown, so it is not retried within the batch: the row comes
+    back ``failed`` and a later run's (idempotent) upsert settles it.
+
+    :param status: HTTP status code.
+    :param message: what was wrong, with at most :data:`MAX_MESSAGE_CHARS` of the body.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: unusable response: {mask_pii(message)}")
+        self.status = status
+        self.message = message
 
 
 class _DailyQuotaReached(Exception):
@@ -182,11 +205,46 @@ def identity_keys(payload: dict[str, Any]) -> frozenset[str]:
     return frozenset(keys)
 
 
-def _api_messages(response: requests.Response) -> list[str]:
+_BEARER_RE = re.compile(r"(?i)(bearer\s+)[^\s\"'<>,;]+")
+
+
+def _short(text: str) -> str:
+    """One printable line of at most MAX_MESSAGE_CHARS, with registered secrets and bearer tokens out."""
+    line = "".join(c if c.isprintable() else " " for c in " ".join(text[: 4 * MAX_MESSAGE_CHARS].split()))
+    line = _BEARER_RE.sub(r"\1***", str(redact(line)))
+    return line if len(line) <= MAX_MESSAGE_CHARS else f"{line[: MAX_MESSAGE_CHARS - 3]}..."
+
+
+def _excerpt(response: requests.Response) -> str:
+    """The start of a body for an error message, decoded leniently (never the whole body)."""
+    head = response.content[: 4 * MAX_MESSAGE_CHARS]
     try:
-        body = response.json()
+        text = head.decode(response.encoding or "utf-8", errors="replace")
+    except LookupError:
+        text = head.decode("utf-8", errors="replace")
+    return _short(text)
+
+
+def _body_kind(response: requests.Response) -> str:
+    return f"{response.headers.get('Content-Type') or 'no Content-Type'}, {len(response.content)} bytes"
+
+
+def _json(response: requests.Response) -> Any:
+    """The body as JSON; ``ValueError`` when it is not (``RecursionError`` too: absurdly deep JSON)."""
+    try:
+        return response.json()
+    except RecursionError as e:
+        raise ValueError("JSON nested too deeply") from e
+
+
+def _api_messages(response: requests.Response) -> list[str]:
+    """The messages of an error answer: the API's list, else the reason and the body's start."""
+    fallback = response.reason or f"HTTP {response.status_code}"
+    try:
+        body = _json(response)
     except ValueError:
-        return [response.reason or f"HTTP {response.status_code}"]
+        excerpt = _excerpt(response)
+        return [_short(f"{fallback}: {excerpt}") if excerpt else fallback]
     # API errors carry "message"; OAuth errors (RFC 6749) carry "error" and "error_description".
     message = (
         body.get("message") or body.get("error_description") or body.get("error")
@@ -194,10 +252,71 @@ def _api_messages(response: requests.Response) -> list[str]:
         else None
     )
     if isinstance(message, list):
-        return [str(m) for m in message]
+        messages = [_short(str(m)) for m in message[:MAX_MESSAGES]]
+        if len(message) > MAX_MESSAGES:
+            messages.append(f"... and {len(message) - MAX_MESSAGES} more")
+        return messages
     if message:
-        return [str(message)]
-    return [response.reason or f"HTTP {response.status_code}"]
+        return [_short(str(message))]
+    return [fallback]
+
+
+def _read_body(response: requests.Response) -> str | None:
+    """
+    Read a streamed body into ``response.content``, at most :data:`MAX_RESPONSE_BYTES` (decoded).
+
+    Past the limit, or when the body cannot be decompressed, the connection is dropped instead of
+    drained. Returns what was wrong with the body, or ``None``.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    problem = None
+    declared = response.headers.get("Content-Length", "")
+    try:
+        if declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
+            problem = f"body of {int(declared)} bytes is over the {MAX_RESPONSE_BYTES}-byte limit"
+        else:
+            for chunk in response.iter_content(chunk_size=64 * 1024):
+                chunks.append(chunk[: MAX_RESPONSE_BYTES - size])
+                size += len(chunk)
+                if size > MAX_RESPONSE_BYTES:
+                    problem = f"body is over the {MAX_RESPONSE_BYTES}-byte limit"
+                    break
+    except requests.exceptions.ContentDecodingError:
+        problem = f"body could not be decoded (Content-Encoding {response.headers.get('Content-Encoding')})"
+    if problem:
+        response.close()
+    # What requests itself does when it reads a body (stream=False): later .json()/.text use it.
+    response._content = b"".join(chunks)
+    response._content_consumed = True
+    return problem
+
+
+def _json_object(response: requests.Response) -> dict[str, Any]:
+    """The body of a 2xx answer as a JSON object, else :class:`GrowthHubBadResponse`."""
+    status = response.status_code
+    if not response.content:
+        raise GrowthHubBadResponse(status, f"empty body ({_body_kind(response)})")
+    try:
+        data = _json(response)
+    except ValueError:
+        raise GrowthHubBadResponse(
+            status, f"body is not JSON ({_body_kind(response)}): {_excerpt(response)}"
+        ) from None
+    if not isinstance(data, dict):
+        raise GrowthHubBadResponse(status, f"body is a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def _contact_in(data: dict[str, Any], status: int) -> dict[str, Any]:
+    """``data["contact"]`` with a non-empty string ``id``; errors name keys only (values are PII)."""
+    contact = data.get("contact")
+    if not isinstance(contact, dict) or not isinstance(contact.get("id"), str) or not contact["id"]:
+        keys = sorted(contact) if isinstance(contact, dict) else sorted(data)
+        where = "contact" if isinstance(contact, dict) else "body"
+        detail = f"no contact.id in the JSON ({where} keys: {', '.join(keys)})"
+        raise GrowthHubBadResponse(status, _short(detail))
+    return contact
 
 
 class RefreshTokenStore(Protocol):
@@ -273,6 +392,32 @@ class FileRefreshTokenStore:
             os.close(fd)
 
 
+_TRUE = {"true", "t", "yes", "y", "on", "1"}
+_FALSE = {"false", "f", "no", "n", "off", "0"}
+
+
+def tls_verify(value: Any) -> bool | str:
+    """
+    The ``verify`` extra as requests takes it: ``True`` (the default), ``False``, or a CA bundle path.
+
+    A path keeps verification on against that bundle. Anything else fails here, closed, rather
+    than quietly turning verification off.
+    """
+    if value is None or isinstance(value, bool):
+        return value is not False
+    text = str(value).strip()
+    if text.lower() in _TRUE:
+        return True
+    if text.lower() in _FALSE:
+        return False
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise GrowthHubConfigError(
+            f"Connection extra verify={text!r} is neither true/false nor an existing CA bundle path"
+        )
+    return str(path)
+
+
 class _BearerAuth(requests.auth.AuthBase):
     """Reads the hook's current access token per request, so a refresh needs no new session."""
 
@@ -318,7 +463,27 @@ class GrowthHubHook(HttpHook):
     Integration Token or access token; extras ``location_id``, ``api_version``, ``client_id``,
     ``client_secret``, ``refresh_token`` (OAuth), ``refresh_token_file``, ``rate_limit_burst``,
     ``rate_limit_interval_ms``, ``rate_limit_daily``, ``max_workers``, ``timeout``, ``verify``,
-    ``log_pii``.
+    ``log_pii``. ``verify`` is true unless the extra says false; a path keeps it on against that
+    CA bundle (see :func:`tls_verify`).
+
+    Bad answers, and what they become (``upsert_contacts`` outcome in brackets):
+
+    - 429, 5xx, whatever the body (JSON, a proxy's HTML page, empty, huge), timeouts, dropped
+      connections: :class:`GrowthHubTransientError` etc., retried (``failed`` once retries run out).
+    - 2xx whose body is empty, not JSON (e.g. a 200 ``text/html`` page), JSON but not an object,
+      without a string ``contact.id``, undecodable (``Content-Encoding``) or over
+      :data:`MAX_RESPONSE_BYTES`: :class:`GrowthHubBadResponse`, not retried (``failed``): the
+      write may or may not have happened; the caller defers the row and a later idempotent upsert
+      settles it. Never ``rejected``: nothing says the payload is wrong.
+    - 400/422 with a non-JSON body: :class:`GrowthHubRejected` (``rejected``) with the reason and
+      the start of the body as its message; 401/403 with any body: :class:`GrowthHubAuthError`.
+    - An unusable 200 from ``/oauth/token``: :class:`GrowthHubAuthError` (the task fails once
+      instead of every row spending a refresh); its message never quotes that body.
+
+    Bodies are read at most :data:`MAX_RESPONSE_BYTES` (the connection is dropped past that);
+    messages quote at most :data:`MAX_MESSAGE_CHARS` characters of a body and
+    :data:`MAX_MESSAGES` API messages, with registered secrets and bearer tokens redacted, and
+    emails/phones masked in logs and exception text (unless ``log_pii``).
 
     :param growthhub_conn_id: the connection to use.
     :param max_workers: concurrent requests of :meth:`upsert_contacts` (default: connection extra,
@@ -427,6 +592,8 @@ class GrowthHubHook(HttpHook):
         Build once and cache the session every request and worker thread shares.
 
         Unlike ``HttpHook.get_conn``, connection extras never become headers: they hold secrets.
+        The session streams (``stream=True``) so the hook can cap how much of a body it reads;
+        callers using the session directly get lazily read bodies, which ``.json()`` still reads.
 
         :param headers: extra headers for every later request of this hook.
         :param extra_options: ignored; options come from the connection extras.
@@ -448,7 +615,14 @@ class GrowthHubHook(HttpHook):
                 )
                 session = requests.Session()
                 session.auth = _BearerAuth(self)
-                session.verify = to_boolean(str(self.extras.get("verify", True)))
+                session.verify = tls_verify(self.extras.get("verify"))
+                if session.verify is False:
+                    self.log.warning(
+                        "TLS certificate verification is off for %s (extra verify=false)",
+                        self.growthhub_conn_id,
+                    )
+                # Bodies are read by _read_body, which caps their size.
+                session.stream = True
                 if to_boolean(str(self.extras.get("trust_env", True))):
                     # Read proxy and CA settings from the environment once: requests would scan
                     # os.environ twice per request, a fifth of the client's CPU per upsert.
@@ -522,6 +696,7 @@ class GrowthHubHook(HttpHook):
                     auth=_no_auth,
                     timeout=self.timeout,
                 )
+                problem = _read_body(response)
                 if response.status_code == 429 or response.status_code >= 500:
                     # The token was not spent: the row's retry will try the refresh again.
                     raise GrowthHubTransientError(response.status_code, "OAuth refresh failed")
@@ -531,7 +706,7 @@ class GrowthHubHook(HttpHook):
                         f"{'; '.join(_api_messages(response))}"
                     )
                     raise GrowthHubAuthError(self._auth_failure)
-                body = response.json()
+                body = self._oauth_body(response, problem)
                 mask_secret(body["access_token"])
                 if new_refresh_token := body.get("refresh_token"):
                     mask_secret(new_refresh_token)
@@ -541,6 +716,31 @@ class GrowthHubHook(HttpHook):
                 self._access_expires_at = time.monotonic() + expires_in - min(60.0, expires_in / 10)
             self._access_token = body["access_token"]
             self.log.info("Refreshed the OAuth access token of %s", self.growthhub_conn_id)
+
+    def _oauth_body(self, response: requests.Response, problem: str | None) -> dict[str, Any]:
+        """
+        The token pair of a 200 refresh answer; an unusable one fails the task (auth error).
+
+        The server may have spent the refresh token, and every row would try again: so fail once,
+        clearly. The message never quotes this body: it would hold the new tokens.
+        """
+        try:
+            if problem:
+                raise GrowthHubBadResponse(response.status_code, problem)
+            body = _json_object(response)
+        except GrowthHubBadResponse:
+            detail = problem or f"not a JSON object ({_body_kind(response)})"
+        else:
+            token = body.get("access_token")
+            if isinstance(token, str) and token:
+                return body
+            detail = f"no access_token in the JSON ({_body_kind(response)})"
+        self._auth_failure = (
+            f"OAuth refresh for {self.growthhub_conn_id!r} answered {response.status_code} with an "
+            f"unusable body: {detail}. The refresh token may be spent: if the next try says "
+            "invalid_grant, re-authorise the connection"
+        )
+        raise GrowthHubAuthError(self._auth_failure)
 
     # -- one request ------------------------------------------------------------------------------
 
@@ -555,6 +755,7 @@ class GrowthHubHook(HttpHook):
                 requests.Request(method, self.url_from_endpoint(endpoint), json=body)
             )
             response = self.run_and_check(session, request, {"check_response": False, **self.merged_extra})
+            problem = _read_body(response)
         except BaseException:
             self.limiter.release()
             raise
@@ -563,6 +764,8 @@ class GrowthHubHook(HttpHook):
             with self._throttled_lock:
                 self._throttled += 1
         self.limiter.release(response.headers, throttled=throttled)
+        if problem and response.status_code < 400:
+            raise GrowthHubBadResponse(response.status_code, problem)
         return response
 
     def _call(
@@ -598,14 +801,15 @@ class GrowthHubHook(HttpHook):
         if status < 400:
             return
         messages = _api_messages(response)
+        joined = _short("; ".join(messages))
         if status in (401, 403):
-            raise GrowthHubAuthError(f"{status}: {'; '.join(messages)}")
+            raise GrowthHubAuthError(f"{status}: {joined}")
         if status == 400 and any("version" in m.lower() for m in messages):
-            raise GrowthHubConfigError(f"400: {'; '.join(messages)} (check the connection's api_version)")
+            raise GrowthHubConfigError(f"400: {joined} (check the connection's api_version)")
         if status == 404:
-            raise GrowthHubNotFound(f"404: {'; '.join(messages)}")
+            raise GrowthHubNotFound(f"404: {joined}")
         if status == 429 or status >= 500:
-            raise GrowthHubTransientError(status, "; ".join(messages))
+            raise GrowthHubTransientError(status, joined)
         raise GrowthHubRejected(status, messages)
 
     def _retrying(self, abort: threading.Event | None = None) -> tenacity.Retrying:
@@ -642,6 +846,7 @@ class GrowthHubHook(HttpHook):
         :raises GrowthHubRejected: 400/422, with the API's messages.
         :raises GrowthHubAuthError: 401 after one refresh attempt, or 403.
         :raises GrowthHubTransientError: 429/5xx still failing after the retries.
+        :raises GrowthHubBadResponse: a 2xx whose body is unusable (see the class docstring).
         """
         body = self._with_location(payload)
         response = self._retrying()(self._call, "POST", UPSERT_ENDPOINT, body)
@@ -649,9 +854,12 @@ class GrowthHubHook(HttpHook):
 
     @staticmethod
     def _upsert_result(response: requests.Response) -> UpsertResult:
-        data = response.json()
+        data = _json_object(response)
+        trace_id = data.get("traceId")
         return UpsertResult(
-            contact_id=data["contact"]["id"], new=bool(data.get("new")), trace_id=data.get("traceId")
+            contact_id=_contact_in(data, response.status_code)["id"],
+            new=bool(data.get("new")),
+            trace_id=trace_id if isinstance(trace_id, str) else None,
         )
 
     def get_contact(self, contact_id: str) -> dict[str, Any]:
@@ -661,7 +869,7 @@ class GrowthHubHook(HttpHook):
         :raises GrowthHubNotFound: unknown id, or a contact of another location.
         """
         response = self._retrying()(self._call, "GET", f"/contacts/{quote(contact_id, safe='')}")
-        return response.json()["contact"]
+        return _contact_in(_json_object(response), response.status_code)
 
     def test_connection(self) -> tuple[bool, str]:
         """Check base URL, token and Version by fetching a contact that does not exist (404 = fine)."""
@@ -698,8 +906,18 @@ class GrowthHubHook(HttpHook):
                 messages=[f"{e.status}: {e.message}"],
                 attempts=attempts,
             )
+        except GrowthHubBadResponse as e:
+            return UpsertOutcome(
+                row.key,
+                "failed",
+                http_status=e.status,
+                messages=[f"{e.status}: unusable response: {e.message}"],
+                attempts=attempts,
+            )
         except (requests.RequestException, GrowthHubNotFound) as e:
-            return UpsertOutcome(row.key, "failed", messages=[f"{type(e).__name__}: {e}"], attempts=attempts)
+            return UpsertOutcome(
+                row.key, "failed", messages=[_short(f"{type(e).__name__}: {e}")], attempts=attempts
+            )
         status: OutcomeStatus = "created" if result.new else "updated"
         return UpsertOutcome(row.key, status, result.contact_id, 200, [], result.trace_id, attempts)
 
