@@ -1,0 +1,377 @@
+"""Sync configuration: one YAML file, validated with pydantic when it is loaded.
+
+Everything a task would otherwise discover deep inside a run (an unsafe table name, a
+misspelt GrowthHub field, a malformed URL) fails here with a message naming the key.
+Column names are checked against the real table by :func:`validate_source_columns`,
+which needs a database and therefore runs at plan time, not at import time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from growthhub_sync.alerts import AlertsConfig
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+CONFIG_ENV = "GROWTHHUB_SYNC_CONFIG"
+DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
+
+_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+CHECKS = ("identity", "email", "phone", "dateOfBirth", "country", "timezone", "website", "gender", "dnd")
+"""Quality checks a config may list as errors; ``duplicate`` identities are always errors."""
+
+DND_CHANNELS = ("Call", "Email", "SMS", "WhatsApp", "GMB", "FB")
+
+
+class ConfigError(ValueError):
+    """The configuration is unusable; the message names the offending key."""
+
+
+def _identifier(value: str | None, what: str = "identifier") -> str | None:
+    if value is not None and not _IDENT.match(value):
+        raise ValueError(
+            f"unsafe {what} {value!r}: use letters, digits and _ (max 63, not starting with a digit)"
+        )
+    return value
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class SourceConfig(_Model):
+    """Where the contacts live. ``url`` (a SQLAlchemy URL) wins over the Airflow connection."""
+
+    conn_id: str = "warehouse_default"
+    url: str | None = None
+    schema_: str | None = Field(default=None, alias="schema")
+    table: str = "crm_contacts"
+    key_column: str = "id"
+    updated_at_column: str = "updated_at"
+
+    _check_idents = field_validator("schema_", "table", "key_column", "updated_at_column")(
+        lambda v: _identifier(v)
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except ArgumentError as exc:
+            raise ValueError(f"malformed SQLAlchemy URL: {exc}") from None
+        if not url.drivername:
+            raise ValueError("malformed SQLAlchemy URL: no dialect")
+        return value
+
+
+class LocationConfig(_Model):
+    """A GrowthHub sub-account; ``filter`` routes only matching rows (column = value) to it."""
+
+    name: str
+    location_id: str = Field(min_length=1)
+    conn_id: str = "growthhub_default"
+    filter: dict[str, str | int | bool] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _NAME.match(value):
+            raise ValueError(f"unsafe location name {value!r}: use letters, digits, _, . and -")
+        return value
+
+    @field_validator("filter")
+    @classmethod
+    def _filter(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for column in value:
+            _identifier(column, "column")
+        return value
+
+
+NullPolicy = Literal["omit", "clear"]
+
+
+class FieldMap(_Model):
+    """One source column; ``on_null`` overrides the mapping's null policy for this field."""
+
+    column: str
+    on_null: NullPolicy | None = None
+
+    _col = field_validator("column")(lambda v: _identifier(v, "column"))
+
+
+def _field(value: Any) -> Any:
+    return {"column": value} if isinstance(value, str) else value
+
+
+class Fields(_Model):
+    """GrowthHub Upsert Contact field ← source column (a name, or ``{column, on_null}``)."""
+
+    firstName: FieldMap | None = None
+    lastName: FieldMap | None = None
+    name: FieldMap | None = None
+    email: FieldMap | None = None
+    phone: FieldMap | None = None
+    gender: FieldMap | None = None
+    address1: FieldMap | None = None
+    city: FieldMap | None = None
+    state: FieldMap | None = None
+    postalCode: FieldMap | None = None
+    website: FieldMap | None = None
+    timezone: FieldMap | None = None
+    dnd: FieldMap | None = None
+    source: FieldMap | None = None
+    dateOfBirth: FieldMap | None = None
+    country: FieldMap | None = None
+    companyName: FieldMap | None = None
+    assignedTo: FieldMap | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, data: Any) -> Any:
+        return {k: _field(v) for k, v in data.items()} if isinstance(data, dict) else data
+
+    def items(self) -> list[tuple[str, FieldMap]]:
+        return [(name, fm) for name, fm in self if fm is not None]
+
+
+class CustomFieldMap(_Model):
+    """A custom field addressed by its ``key`` or its ``id`` (exactly one)."""
+
+    key: str | None = None
+    id: str | None = None
+    column: str
+    on_null: NullPolicy | None = None
+
+    _col = field_validator("column")(lambda v: _identifier(v, "column"))
+
+    @model_validator(mode="after")
+    def _one_address(self) -> CustomFieldMap:
+        if (self.key is None) == (self.id is None):
+            raise ValueError("give exactly one of key or id")
+        return self
+
+
+class TagsMap(_Model):
+    """Tags from an array column or a delimited text column.
+
+    The API *overwrites* all of a contact's tags with the list sent, so mapping tags makes
+    the warehouse the owner of every tag on the contact.
+    """
+
+    column: str
+    format: Literal["array", "delimited"] = "delimited"
+    delimiter: str = Field(default=",", min_length=1)
+    on_null: NullPolicy | None = None
+
+    _col = field_validator("column")(lambda v: _identifier(v, "column"))
+
+
+class MappingConfig(_Model):
+    """How a row becomes an Upsert Contact payload.
+
+    ``null_policy: omit`` (default) leaves the CRM value alone when the source is NULL or
+    blank; ``clear`` sends null (tags: an empty list) and so wipes the CRM value.
+    """
+
+    null_policy: NullPolicy = "omit"
+    fields: Fields = Field(default_factory=Fields)
+    custom_fields: list[CustomFieldMap] = Field(default_factory=list)
+    tags: TagsMap | None = None
+    dnd_settings: dict[Literal["Call", "Email", "SMS", "WhatsApp", "GMB", "FB"], str] = Field(
+        default_factory=dict
+    )
+    inbound_dnd: str | None = None
+
+    @field_validator("dnd_settings")
+    @classmethod
+    def _dnd_cols(cls, value: dict[str, str]) -> dict[str, str]:
+        for column in value.values():
+            _identifier(column, "column")
+        return value
+
+    _inbound = field_validator("inbound_dnd")(lambda v: _identifier(v, "column"))
+
+    @model_validator(mode="after")
+    def _identity(self) -> MappingConfig:
+        if self.fields.email is None and self.fields.phone is None:
+            raise ValueError("map at least one of fields.email or fields.phone: they identify the contact")
+        return self
+
+    def columns(self) -> list[str]:
+        """Every source column the mapping reads, in a stable order."""
+        cols = [fm.column for _, fm in self.fields.items()]
+        cols += [cf.column for cf in self.custom_fields]
+        cols += [self.tags.column] if self.tags else []
+        cols += list(self.dnd_settings.values())
+        cols += [self.inbound_dnd] if self.inbound_dnd else []
+        return list(dict.fromkeys(cols))
+
+
+class QualityConfig(_Model):
+    """Which checks quarantine a row (``errors``); the others only drop the bad field."""
+
+    default_region: str = "US"
+    errors: list[Literal[CHECKS]] = Field(default_factory=lambda: list(CHECKS))  # type: ignore[valid-type]
+    genders: list[str] = Field(default_factory=lambda: ["male", "female", "other"])
+    reject_rate_threshold: float = Field(default=0.05, ge=0, le=1)
+    results_dir: str = "var/gx/validations"
+    data_docs_dir: str = "var/gx/data_docs"
+
+    @field_validator("default_region")
+    @classmethod
+    def _region(cls, value: str) -> str:
+        import phonenumbers
+
+        if value.upper() not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"unknown phone region {value!r}")
+        return value.upper()
+
+
+class StateConfig(_Model):
+    """Where the ledger, quarantine, pending and run tables live (same database as the source)."""
+
+    schema_: str | None = Field(default=None, alias="schema")
+    prefix: str = ""
+
+    _schema = field_validator("schema_")(lambda v: _identifier(v))
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not re.match(r"^[A-Za-z0-9_]{0,20}$", value):
+            raise ValueError(f"unsafe table prefix {value!r}")
+        return value
+
+
+class SyncConfig(_Model):
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    locations: list[LocationConfig] = Field(min_length=1)
+    mapping: MappingConfig
+    quality: QualityConfig = Field(default_factory=QualityConfig)
+    state: StateConfig = Field(default_factory=StateConfig)
+    schedule: str = "@hourly"
+    """Cron of growthhub_contact_sync; each run's data interval is its window."""
+    lookback_minutes: int = Field(default=0, ge=0, le=7 * 24 * 60)
+    """Widen each run's window backwards for rows that land in the warehouse late."""
+    replay_schedule: str | None = None
+    """Cron of growthhub_quarantine_replay; null: triggered by hand only."""
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
+    batch_size: int = Field(default=5000, ge=1, le=100_000)
+    """Rows per chunk: one ledger query, one GX validation, one flush of state per chunk."""
+
+    @field_validator("schedule", "replay_schedule")
+    @classmethod
+    def _schedule(cls, value: str | None) -> str | None:
+        from croniter import croniter
+
+        # windows come from a cron's intervals, so presets without one (@once, @continuous) are out
+        presets = {"@hourly", "@daily", "@weekly", "@monthly", "@yearly"}
+        if value is not None and value not in presets and not croniter.is_valid(value):
+            raise ValueError(f"invalid schedule {value!r}: a cron expression or @hourly/@daily/...")
+        return value
+
+    @model_validator(mode="after")
+    def _unique_locations(self) -> SyncConfig:
+        names = [loc.name for loc in self.locations]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"duplicate location names: {dupes}")
+        return self
+
+    def location(self, name: str) -> LocationConfig:
+        for loc in self.locations:
+            if loc.name == name:
+                return loc
+        raise ConfigError(f"locations: unknown location {name!r}; known: {[x.name for x in self.locations]}")
+
+    @cached_property
+    def fingerprint(self) -> str:
+        """Changes whenever a change of config could change a payload (forces re-evaluation)."""
+        blob = self.mapping.model_dump_json() + self.quality.model_dump_json(
+            include={"default_region", "errors", "genders"}
+        )
+        return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
+
+    def source_columns(self) -> list[str]:
+        """Every column a sync reads: key, updated-at, mapped and filter columns."""
+        cols = [self.source.key_column, self.source.updated_at_column, *self.mapping.columns()]
+        for loc in self.locations:
+            cols += list(loc.filter)
+        return list(dict.fromkeys(cols))
+
+
+def _format_errors(exc: ValidationError, origin: str) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"] if p != "[key]") or "(top level)"
+        lines.append(f"{key}: {err['msg'].removeprefix('Value error, ')}")
+    return f"invalid sync config {origin}:\n  " + "\n  ".join(lines)
+
+
+def parse_config(data: Any, origin: str = "<dict>") -> SyncConfig:
+    """Validate an already-parsed mapping (used by tests and by :func:`load_config`)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"invalid sync config {origin}: the top level must be a mapping")
+    try:
+        return SyncConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, origin)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None) -> SyncConfig:
+    """Load the config from ``path``, else ``$GROWTHHUB_SYNC_CONFIG``, else the shipped default."""
+    chosen = Path(path or os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
+    try:
+        data = yaml.safe_load(chosen.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read sync config {chosen}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"sync config {chosen} is not valid YAML: {exc}") from None
+    return parse_config(data, str(chosen))
+
+
+def validate_source_columns(config: SyncConfig, engine: Engine) -> None:
+    """Fail, naming the config key, when a configured table or column does not exist."""
+    from sqlalchemy import inspect
+
+    src = config.source
+    try:
+        real = {c["name"] for c in inspect(engine).get_columns(src.table, schema=src.schema_)}
+    except Exception as exc:  # NoSuchTableError and driver errors alike
+        raise ConfigError(f"source.table: table {src.table!r} not found ({type(exc).__name__})") from None
+    wanted: list[tuple[str, str]] = [
+        ("source.key_column", src.key_column),
+        ("source.updated_at_column", src.updated_at_column),
+    ]
+    wanted += [(f"mapping.fields.{name}.column", fm.column) for name, fm in config.mapping.fields.items()]
+    wanted += [
+        (f"mapping.custom_fields.{i}.column", cf.column) for i, cf in enumerate(config.mapping.custom_fields)
+    ]
+    if config.mapping.tags:
+        wanted.append(("mapping.tags.column", config.mapping.tags.column))
+    wanted += [(f"mapping.dnd_settings.{ch}", col) for ch, col in config.mapping.dnd_settings.items()]
+    if config.mapping.inbound_dnd:
+        wanted.append(("mapping.inbound_dnd", config.mapping.inbound_dnd))
+    for i, loc in enumerate(config.locations):
+        wanted += [(f"locations.{i}.filter.{col}", col) for col in loc.filter]
+    missing = [f"{key}: column {col!r} not in {src.table}" for key, col in wanted if col not in real]
+    if missing:
+        raise ConfigError("invalid sync config:\n  " + "\n  ".join(missing))

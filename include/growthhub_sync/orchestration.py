@@ -1,0 +1,153 @@
+"""What the DAG files share: config selection, windows from the run context, pools, alert hooks.
+
+Kept out of ``dags/`` so DAG files stay schedules and this stays testable; cheap to import (no
+GX, no database, no HTTP at import time) because the DAG processor imports it on every parse.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import timedelta
+from typing import Any
+from urllib.parse import quote
+
+from growthhub_sync.alerts import format_alert, send_alert
+from growthhub_sync.config import ConfigError, SyncConfig, load_config
+
+log = logging.getLogger(__name__)
+
+SYNC_DAG_ID = "growthhub_contact_sync"
+REPLAY_DAG_ID = "growthhub_quarantine_replay"
+COUNT_NAMES = ("extracted", "unchanged", "created", "updated", "quarantined", "rejected", "deferred")
+
+DEFAULT_ARGS: dict[str, Any] = {
+    "owner": "data-engineering",
+    "retries": 3,
+    "retry_delay": timedelta(minutes=1),
+    "retry_exponential_backoff": True,
+    "max_retry_delay": timedelta(minutes=15),
+}
+
+
+def pool_name(location_id: str) -> str:
+    """One Airflow pool per GrowthHub location caps the tasks talking to it at once."""
+    return f"growthhub_{location_id}"
+
+
+def selected_locations(config: SyncConfig, requested: Sequence[str] | None) -> list[str]:
+    """Location names a run works on: the ``locations`` param, or all; unknown names are errors."""
+    known = [loc.name for loc in config.locations]
+    if not requested:
+        return known
+    unknown = sorted(set(requested) - set(known))
+    if unknown:
+        raise ConfigError(f"params.locations: unknown location(s) {unknown}; configured: {known}")
+    return [name for name in known if name in requested]
+
+
+def run_window(context: Mapping[str, Any], lookback_minutes: int) -> dict[str, str | None]:
+    """The run's data interval, widened backwards by ``lookback_minutes`` for late-arriving rows.
+
+    A run with no interval (triggered by hand on an un-timetabled logical date) syncs everything
+    changed up to now.
+    """
+    start, end = context.get("data_interval_start"), context.get("data_interval_end")
+    if start is not None and end is not None and start == end:
+        start = None
+    if start is not None and lookback_minutes:
+        start = start - timedelta(minutes=lookback_minutes)
+    return {"start": start.isoformat() if start else None, "end": end.isoformat() if end else None}
+
+
+def run_ids(context: Mapping[str, Any]) -> tuple[str, str]:
+    """``(dag_id, run_id)`` from a task context or from the thinner context of a DAG callback."""
+    return context["dag"].dag_id, context.get("run_id") or context["dag_run"].run_id
+
+
+def run_url(context: Mapping[str, Any]) -> str | None:
+    """Link to the run in the Airflow UI, from ``[api] base_url``."""
+    from airflow.sdk import conf
+
+    base = conf.get("api", "base_url", fallback="") or ""
+    if not base:
+        return None
+    dag_id, run_id = run_ids(context)
+    return f"{base.rstrip('/')}/dags/{dag_id}/runs/{quote(run_id, safe='')}"
+
+
+def top_errors(summaries: Iterable[Mapping[str, Any]], limit: int) -> list[tuple[str, int]]:
+    """Most frequent reasons and API messages across the summaries of a run."""
+    counter: Counter[str] = Counter()
+    for summary in summaries:
+        counter.update(summary.get("reasons", {}))
+        counter.update(summary.get("messages", {}))
+    return counter.most_common(limit)
+
+
+def alert_threshold_breach(
+    config: SyncConfig, context: Mapping[str, Any], results: Sequence[Mapping[str, Any]]
+) -> bool:
+    """Send one alert naming every location over the reject-rate threshold; False if none was."""
+    breached = [r for r in results if r.get("threshold_breached")]
+    if not breached:
+        return False
+    dag_id, run_id = run_ids(context)
+    counts = {name: sum(int(r.get(name, 0)) for r in breached) for name in COUNT_NAMES}
+    rates = ", ".join(f"{r['location']} {100 * r['reject_rate']:.1f}%" for r in breached)
+    text = format_alert(
+        headline=(
+            f"reject rate over {100 * config.quality.reject_rate_threshold:.1f}% ({rates}); "
+            "see the quarantine table"
+        ),
+        dag_id=dag_id,
+        run_id=run_id,
+        locations=[r["location"] for r in breached],
+        counts=counts,
+        top_errors=top_errors(breached, config.alerts.top_errors),
+        run_url=run_url(context),
+    )
+    send_alert(config.alerts, text, context)
+    return True
+
+
+def on_run_failure(context: Mapping[str, Any]) -> None:
+    """DAG-level failure callback: exactly one alert per failed run, whichever tasks failed.
+
+    Runs in the DAG processor with a thin context: the DAG, the run id, the reason and, when the
+    scheduler knows it, the last task instance that failed.
+    """
+    config = load_config()
+    dag_id, run_id = run_ids(context)
+    ti = context.get("ti")
+    failed_task = f" in task {ti.task_id}" if ti is not None else ""
+    params = context.get("params") or {}
+    text = format_alert(
+        headline=f"run failed{failed_task} ({context.get('reason') or 'task failure'})",
+        dag_id=dag_id,
+        run_id=run_id,
+        locations=params.get("locations") or [loc.name for loc in config.locations],
+        counts={},
+        top_errors=[],
+        run_url=run_url(context),
+    )
+    send_alert(config.alerts, text, context)
+
+
+def summary_table(results: Sequence[Mapping[str, Any]]) -> str:
+    """A fixed-width table of a run's counts per location, for the task log."""
+    header = ("location", *COUNT_NAMES, "reject %")
+    rows = [
+        (
+            str(r["location"]),
+            *(str(r.get(name, 0)) for name in COUNT_NAMES),
+            f"{100 * r.get('reject_rate', 0):.2f}",
+        )
+        for r in results
+    ]
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=False)]
+    return "\n".join(
+        "  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True))
+        for line in (header, *rows)
+    )

@@ -1,0 +1,396 @@
+"""The pipeline on a real warehouse (SQLite and PostgreSQL) against a fake CRM.
+
+The fake stands in for the hook's ``upsert_contacts`` contract; the sandbox + hook run in
+``test_sync_sandbox.py``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import DAY, PG_URL, SESSION, T0, AuthFailure, FakeCRM, Warehouse, _make_config
+from sqlalchemy import create_engine, func, select
+from sqlalchemy.engine import Engine
+
+from growthhub_sync import state
+from growthhub_sync.config import ConfigError, SyncConfig
+from growthhub_sync.demo import contacts_table, modify_contacts, seed_demo, touch_contacts
+from growthhub_sync.extract import Window
+from growthhub_sync.pipeline import (
+    OUTCOMES,
+    SyncInvariantError,
+    SyncOptions,
+    finalize_run,
+    plan_sync,
+    replay_quarantine,
+    sync,
+    sync_batch,
+)
+
+NEXT_DAY = {"start": DAY["end"], "end": (T0 + timedelta(days=2)).isoformat()}
+
+
+def _run(
+    cfg: SyncConfig, wh: Warehouse, crm: FakeCRM, run_id: str, window: Any = DAY, **opts: Any
+) -> dict[str, Any]:
+    return sync(cfg, "default", window, SyncOptions(run_id=run_id, **opts), engine=wh.engine, upserter=crm)
+
+
+def _rows(wh: Warehouse, cfg: SyncConfig, table: str, **where: Any) -> list[dict[str, Any]]:
+    t = getattr(state.state_tables(cfg.state), table)
+    stmt = select(t).where(*(t.c[k] == v for k, v in where.items()))
+    with wh.engine.connect() as conn:
+        return [dict(r._mapping) for r in conn.execute(stmt)]
+
+
+def _counts(summary: dict[str, Any]) -> dict[str, int]:
+    return {k: summary[k] for k in ("extracted", *OUTCOMES)}
+
+
+def _set(wh: Warehouse, key: str, **values: Any) -> None:
+    modify_contacts(wh.engine, [key], T0 + timedelta(hours=30), schema=wh.schema, **values)
+
+
+def _key_with(wh: Warehouse, cfg: SyncConfig, reason: str) -> str:
+    rows = [q for q in _rows(wh, cfg, "quarantine", status="open") if any(reason in e for e in q["errors"])]
+    return sorted(q["source_key"] for q in rows)[0]
+
+
+@pytest.fixture
+def cfg(seeded: Warehouse, make_config: Callable[..., SyncConfig]) -> SyncConfig:
+    return make_config()
+
+
+class TestOutcomes:
+    def test_every_row_gets_one_outcome_and_the_run_row_says_so(
+        self, seeded: Warehouse, cfg: SyncConfig, crm: FakeCRM
+    ) -> None:
+        out = _run(cfg, seeded, crm, "r1")
+        counts = _counts(out)
+        assert counts["extracted"] == 1000
+        assert sum(counts[o] for o in OUTCOMES) == 1000
+        assert out["created"] > 800
+        assert out["quarantined"] > 50
+        assert out["invariant_ok"]
+        run = _rows(seeded, cfg, "runs", run_id="r1")[0]
+        assert {k: run[k] for k in counts} == counts
+        assert run["status"] == "success"
+        assert run["invariant_ok"] is True
+
+    def test_quality_failures_are_quarantined_with_reasons(
+        self, seeded: Warehouse, cfg: SyncConfig, crm: FakeCRM
+    ) -> None:
+        out = _run(cfg, seeded, crm, "r1")
+        rows = _rows(seeded, cfg, "quarantine")
+        assert len(rows) == out["quarantined"]
+        assert {r["stage"] for r in rows} == {"quality"}
+        assert set(out["reasons"]) >= {"email", "phone", "dateOfBirth", "identity", "duplicate"}
+        assert all(r["errors"] and r["status"] == "open" and r["attempts"] == 1 for r in rows)
+
+    def test_api_rejection_is_quarantined_with_the_api_messages(
+        self, seeded: Warehouse, cfg: SyncConfig, crm: FakeCRM
+    ) -> None:
+        crm.reject["C00000001"] = ["email must be an email"]
+        out = _run(cfg, seeded, crm, "r1")
+        assert out["rejected"] == 1
+        assert out["messages"] == {"email must be an email": 1}
+        (row,) = _rows(seeded, cfg, "quarantine", source_key="C00000001")
+        assert (row["stage"], row["http_status"], row["errors"]) == ("api", 422, ["email must be an email"])
+        assert row["payload"]["locationId"] == "loc1"
+
+    def test_duplicates_in_a_batch_latest_wins(
+        self, warehouse: Warehouse, make_config: Callable[..., SyncConfig], crm: FakeCRM
+    ) -> None:
+        seed_demo(warehouse.engine, 3, schema=warehouse.schema, start=T0, bad_share=0)
+        for key, hour in (("C00000000", 1), ("C00000001", 3), ("C00000002", 2)):
+            _set(warehouse, key, email="same@example.com", updated_at=T0 + timedelta(hours=hour))
+        cfg = make_config()
+        out = sync(cfg, "default", None, SyncOptions(run_id="r1"), engine=warehouse.engine, upserter=crm)
+        assert (out["created"], out["quarantined"]) == (1, 2)
+        assert [k for k, _ in crm.sent] == ["C00000001"]
+        errors = {q["source_key"]: q["errors"] for q in _rows(warehouse, cfg, "quarantine")}
+        assert errors == {k: ["duplicate identity of C00000001"] for k in ("C00000000", "C00000002")}
+
+    def test_warning_check_drops_the_field_and_sends_the_row(
+        self, seeded: Warehouse, make_config: Callable[..., SyncConfig], crm: FakeCRM
+    ) -> None:
+        cfg = make_config(quality__errors=["identity", "email", "phone", "dateOfBirth"])
+        _set(seeded, "C00000001", website="ftp://x", country="XX", updated_at=T0 + timedelta(hours=1))
+        out = _run(cfg, seeded, crm, "r1")
+        assert out["warnings"] >= 1
+        payload = dict(crm.sent)["C00000001"]
+        assert "website" not in payload
+        assert "country" not in payload
+        assert payload["email"]
+
+    def test_auth_error_fails_the_run_after_recording_what_was_sent(
+        self, seeded: Warehouse, cfg: SyncConfig, crm: FakeCRM
+    ) -> None:
+        crm.auth_error_after = 10
+        with pytest.raises(AuthFailure):
+            _run(cfg, seeded, crm, "r1")
+        assert len(_rows(seeded, cfg, "ledger")) == 10
+
+
+class TestIdempotency:
+    def test_same_window_twice_sends_nothing_and_duplicates_nothing(
+        self, seeded: Warehouse, cfg: SyncConfig, crm: FakeCRM
+    ) -> None:
+        first = _run(cfg, seeded, crm, "r1")
+        sent = len(crm.sent)
+        second = _run(cfg, seeded, crm, "r2")
+        assert len(crm.sent) == sent
+        assert second["unchanged"] == first["created"] + first["updated"]
+        assert second["quarantined"] == first["quarantined"]
+        assert second["created"] == second["updated"] == 0
+        _run(cfg, seeded, crm, "r2")  # a retried run
+        assert len(_rows(seeded, cfg, "ledger")) == first["created"] + first["updated"]
+        assert len(_rows(seeded, cfg, "quarantine")) == first["quarantined"]
+        assert len(_rows(seeded, cfg, "runs")) == 2
+
+    def test_touched_but_unchanged_rows_are_not_sent(
+        self, seeded: Warehouse, cfg: SyncConfig, crm: FakeCRM
+    ) -> None:
+        _run(cfg, seeded, crm, "r1")
+        sent = len(crm.sent)
+        touch_contacts(seeded.engine, T0 + timedelta(hours=30), schema=seeded.schema)
+        out = _run(cfg, seeded, crm, "r2", NEXT_DAY)
+        assert out["extracted"] == 1000
+        assert len(crm.sent) == sent
+
+    def test_only_changed_rows_are_sent(self, seeded: Warehouse, cfg: SyncConfig, crm: FakeCRM) -> None:
+        _run(cfg, seeded, crm, "r1")
+        crm.sent.clear()
+        modify_contacts(
+            seeded.engine, ["C00000002", "C00000003"], T0 + timedelta(hours=30), schema=seeded.schema
+        )
+        touch_contacts(seeded.engine, T0 + timedelta(hours=30), schema=seeded.schema, keys=["C00000004"])
+        out = _run(cfg, seeded, crm, "r2", NEXT_DAY)
+        assert sorted(k for k, _ in crm.sent) == ["C00000002", "C00000003"]
+        assert (out["extracted"], out["updated"], out["unchanged"]) == (3, 2, 1)
+
+    def test_full_refresh_ignores_window_and_ledger(
+        self, seeded: Warehouse, cfg: SyncConfig, crm: FakeCRM
+    ) -> None:
+        first = _run(cfg, seeded, crm, "r1")
+        out = _run(cfg, seeded, crm, "r2", NEXT_DAY, full_refresh=True)
+        assert out["extracted"] == 1000
+        assert out["updated"] == first["created"] + first["updated"]
+
+
+class TestQuarantine:
+    def test_failing_again_updates_the_open_row(
+        self, seeded: Warehouse, cfg: SyncConfig, crm: FakeCRM
+    ) -> None:
+        _run(cfg, seeded, crm, "r1")
+        key = _key_with(seeded, cfg, "email:")
+        _run(cfg, seeded, crm, "r1")  # the same run retried: not a new attempt
+        _run(cfg, seeded, crm, "r2")
+        (row,) = _rows(seeded, cfg, "quarantine", source_key=key)
+        assert (row["attempts"], row["run_id"], row["status"]) == (2, "r2", "open")
+
+    def test_fixed_row_is_resolved_by_the_next_run(
+        self, seeded: Warehouse, cfg: SyncConfig, crm: FakeCRM
+    ) -> None:
+        _run(cfg, seeded, crm, "r1")
+        key = _key_with(seeded, cfg, "email:")
+        _set(seeded, key, email="fixed@example.com")
+        out = _run(cfg, seeded, crm, "r2", NEXT_DAY)
+        assert out["created"] == 1
+        (row,) = _rows(seeded, cfg, "quarantine", source_key=key)
+        assert row["status"] == "resolved"
+        assert row["resolved_at"] is not None
+        assert _rows(seeded, cfg, "ledger", source_key=key)
+
+    def test_reverted_row_is_resolved_without_sending(
+        self, seeded: Warehouse, cfg: SyncConfig, crm: FakeCRM
+    ) -> None:
+        _run(cfg, seeded, crm, "r1")
+        _set(seeded, "C00000001", email="broken@")
+        _run(cfg, seeded, crm, "r2", NEXT_DAY)
+        original = dict(crm.sent)["C00000001"]["email"]
+        crm.sent.clear()
+        modify_contacts(
+            seeded.engine,
+            ["C00000001"],
+            T0 + timedelta(hours=40),
+            schema=seeded.schema,
+            email=original,
+            city="Dolomite",
+        )
+        _set(seeded, "C00000001", email=original)
+        _run(
+            cfg, seeded, crm, "r3", {"start": NEXT_DAY["start"], "end": (T0 + timedelta(days=3)).isoformat()}
+        )
+        (row,) = _rows(seeded, cfg, "quarantine", source_key="C00000001")
+        assert row["status"] == "resolved"
+
+    def test_replay_resolves_fixed_rows_and_counts_still_bad_ones(
+        self, seeded: Warehouse, cfg: SyncConfig, crm: FakeCRM
+    ) -> None:
+        first = _run(cfg, seeded, crm, "r1")
+        fixed = _key_with(seeded, cfg, "phone:")
+        _set(seeded, fixed, phone="+1 202 555 0100", email=None)
+        gone = _key_with(seeded, cfg, "email:")
+        with seeded.engine.begin() as conn:
+            tbl = contacts_table(seeded.schema)
+            conn.execute(tbl.delete().where(tbl.c.id == gone))
+        out = replay_quarantine(
+            cfg, "default", SyncOptions(run_id="replay1"), engine=seeded.engine, upserter=crm
+        )
+        assert out["selected"] == first["quarantined"]
+        assert out["gone_from_source"] == 1
+        assert out["created"] + out["updated"] == 1
+        assert _rows(seeded, cfg, "quarantine", source_key=fixed)[0]["status"] == "resolved"
+        assert _rows(seeded, cfg, "quarantine", source_key=gone)[0]["status"] == "ignored"
+        still = _rows(seeded, cfg, "quarantine", status="open")
+        assert len(still) == first["quarantined"] - 2
+        assert all(r["attempts"] == 2 for r in still)
+
+    def test_replay_filters_by_stage_and_error_text(
+        self, seeded: Warehouse, cfg: SyncConfig, crm: FakeCRM
+    ) -> None:
+        _run(cfg, seeded, crm, "r1")
+        out = replay_quarantine(
+            cfg,
+            "default",
+            SyncOptions(run_id="replay1"),
+            contains="dateOfBirth",
+            stage="quality",
+            max_rows=3,
+            engine=seeded.engine,
+            upserter=crm,
+        )
+        assert out["selected"] == 3
+        assert out["quarantined"] == 3
+
+
+class TestDeferred:
+    @pytest.mark.parametrize("cause", ["failed", "skipped"])
+    def test_deferred_rows_are_picked_up_by_the_next_run(
+        self, seeded: Warehouse, cfg: SyncConfig, crm: FakeCRM, cause: str
+    ) -> None:
+        if cause == "failed":
+            crm.fail = {"C00000001", "C00000002"}
+        else:
+            crm.quota = 5
+        first = _run(cfg, seeded, crm, "r1")
+        pending = {r["source_key"] for r in _rows(seeded, cfg, "pending")}
+        assert first["deferred"] == len(pending) > 0
+        crm.fail, crm.quota = set(), None
+        crm.sent.clear()
+        out = _run(cfg, seeded, crm, "r2", NEXT_DAY)  # nothing in this window: only pending rows
+        assert out["extracted"] == len(pending)
+        assert out["deferred"] == 0
+        assert {k for k, _ in crm.sent} <= pending
+        assert _rows(seeded, cfg, "pending") == []
+
+
+class TestBatches:
+    def test_key_ranges_tile_the_window(self, seeded: Warehouse, cfg: SyncConfig, crm: FakeCRM) -> None:
+        opts = SyncOptions(run_id="r1", dag_id="growthhub_contact_sync")
+        plan = plan_sync(cfg, "default", DAY, engine=seeded.engine, batch_rows=300, options=opts)
+        assert plan["total"] == 1000
+        assert len(plan["batches"]) == 4
+        assert _rows(seeded, cfg, "runs", run_id="r1")[0]["status"] == "running"
+        results = [
+            sync_batch(cfg, "default", plan["window"], b, opts, engine=seeded.engine, upserter=crm)
+            for b in plan["batches"]
+        ]
+        assert [r["extracted"] for r in results] == [300, 300, 300, 100]
+        out = finalize_run(cfg, "default", plan["window"], results, opts, engine=seeded.engine)
+        assert out["extracted"] == 1000
+        assert out["batches"] == 4
+        assert out["status"] == "success"
+        assert len({k for k, _ in crm.sent}) == len(crm.sent)
+
+    def test_finalize_flags_the_reject_rate_threshold(
+        self, seeded: Warehouse, make_config: Callable[..., SyncConfig], crm: FakeCRM
+    ) -> None:
+        out = _run(make_config(quality__reject_rate_threshold=0.01), seeded, crm, "r1")
+        assert out["threshold_breached"]
+        assert out["reject_rate"] > 0.01
+
+    def test_location_filter_routes_rows(
+        self, seeded: Warehouse, make_config: Callable[..., SyncConfig], crm: FakeCRM
+    ) -> None:
+        cfg = make_config(locations=[{"name": "ny", "location_id": "loc-ny", "filter": {"state": "NY"}}])
+        out = sync(cfg, "ny", DAY, SyncOptions(run_id="r1"), engine=seeded.engine, upserter=crm)
+        with seeded.engine.connect() as conn:
+            tbl = contacts_table(seeded.schema)
+            ny = conn.execute(select(func.count()).where(tbl.c.state == "NY")).scalar_one()
+        assert out["extracted"] == ny
+        assert all(p["state"] == "NY" for _, p in crm.sent)
+
+    def test_lookback_widens_the_window(self) -> None:
+        w = Window.of(DAY["start"], DAY["end"], lookback_minutes=15)
+        assert w.start == T0 - timedelta(minutes=15)
+
+    def test_unknown_column_fails_at_plan_time(
+        self, seeded: Warehouse, make_config: Callable[..., SyncConfig]
+    ) -> None:
+        cfg = make_config(
+            mapping={
+                **make_config().mapping.model_dump(by_alias=True, exclude_none=True),
+                "tags": {"column": "labels"},
+            }
+        )
+        with pytest.raises(ConfigError, match=r"mapping\.tags\.column"):
+            plan_sync(cfg, "default", DAY, engine=seeded.engine)
+
+
+class TestDryRun:
+    def test_dry_run_counts_and_samples_but_writes_nothing(
+        self, seeded: Warehouse, cfg: SyncConfig, crm: FakeCRM
+    ) -> None:
+        out = _run(cfg, seeded, crm, "r1", dry_run=True)
+        assert out["dry_run"]
+        assert out["created"] > 800
+        assert out["quarantined"] > 50
+        assert sum(out[o] for o in OUTCOMES) == out["extracted"] == 1000
+        assert crm.sent == []
+        assert _rows(seeded, cfg, "ledger") == []
+        assert _rows(seeded, cfg, "quarantine") == []
+        sample = out["samples"][0]["payload"]
+        assert "***" in sample.get("email", sample.get("phone", "***"))
+
+
+class TestRunRecord:
+    def test_counts_that_do_not_add_up_fail_the_run_and_are_recorded(
+        self, seeded: Warehouse, cfg: SyncConfig
+    ) -> None:
+        opts = SyncOptions(run_id="r1")
+        broken = {"extracted": 10, "created": 9}
+        with pytest.raises(SyncInvariantError):
+            finalize_run(cfg, "default", DAY, [broken], opts, engine=seeded.engine)
+        (run,) = _rows(seeded, cfg, "runs", run_id="r1")
+        assert (run["status"], run["invariant_ok"], run["extracted"]) == ("failed", False, 10)
+
+    def test_run_renders_data_docs_and_keeps_validation_json(
+        self, seeded: Warehouse, cfg: SyncConfig, crm: FakeCRM
+    ) -> None:
+        out = _run(cfg, seeded, crm, "r1")
+        docs = Path(cfg.quality.data_docs_dir)
+        assert out["data_docs"] == (docs / "index.html").resolve().as_uri()
+        assert list((docs / "validations").rglob("*.html"))
+        assert list(Path(cfg.quality.results_dir).rglob("*.json"))
+
+
+@pytest.mark.integration
+def test_psycopg3_warehouse_syncs_idempotently(tmp_path: Path, pg_engine: Engine, crm: FakeCRM) -> None:
+    """``PostgresHook.sqlalchemy_url`` (the Airflow connection) names the psycopg 3 driver."""
+    url = PG_URL.replace("+psycopg2", "+psycopg")
+    engine = create_engine(url)
+    wh = Warehouse("psycopg3", url, engine, f"{SESSION}_psycopg3")
+    seed_demo(engine, 300, schema=wh.schema, start=T0)
+    cfg = _make_config(wh, tmp_path)
+    first = _run(cfg, wh, crm, "r1")
+    second = _run(cfg, wh, crm, "r2")
+    engine.dispose()
+    assert first["created"] > 200
+    assert second["unchanged"] == first["created"] + first["updated"]
+    assert second["created"] == second["updated"] == 0
