@@ -27,8 +27,12 @@ test: venv postgres
 test-fast: venv postgres
 	GROWTHHUB_TEST_PG_URL=$(PG_URL) $(VENV)/bin/pytest -m "not slow"
 
+# The embedded default: SQLite warehouse + SQLite Airflow metadata DB + the sandbox; no services needed.
+demo: venv
+	$(PY) scripts/demo.py
+
 lint: venv
 	$(VENV)/bin/ruff check .
 
 clean:
-	rm -rf $(VENV) .airflow .pytest_cache .ruff_cache
+	rm -rf $(VENV) .airflow var .pytest_cache .ruff_cache

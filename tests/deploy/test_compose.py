@@ -510,19 +510,30 @@ def test_sandbox_listens_on_all_interfaces(repo: Deployment) -> None:
 def test_project_tool_accepts_the_options_it_is_given(repo: Deployment, name: str) -> None:
     args = argv(repo.services[name]["command"])
     program = args[: args.index("-m") + 2] if args[0] == "python" else args[:1]
+    # a subcommand is a word that is neither an option nor an option's value
+    rest = args[len(program) :]
+    subcommands = [
+        arg
+        for i, arg in enumerate(rest)
+        if not arg.startswith("--") and (i == 0 or not rest[i - 1].startswith("--"))
+    ]
     python = Path(sys.executable)
     executable = python if program[0] == "python" else python.with_name(program[0])  # a console script
-    result = subprocess.run(
-        [str(executable), *program[1:], "--help"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=REPO,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
+    helps = [
+        subprocess.run(
+            [str(executable), *program[1:], *subcommands[:depth], "--help"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=REPO,
+            check=False,
+        )
+        for depth in range(len(subcommands) + 1)
+    ]
+    assert [h.returncode for h in helps] == [0] * len(helps), [h.stderr for h in helps]
+    help_text = "".join(h.stdout for h in helps)
     flags = [arg for arg in args if arg.startswith("--")]
-    assert [flag for flag in flags if flag not in result.stdout] == [], f"`{' '.join(program)} --help`"
+    assert [flag for flag in flags if flag not in help_text] == [], f"`{' '.join(program)} --help`"
 
 
 def test_seed_writes_to_the_warehouse_service(repo: Deployment) -> None:

@@ -1,0 +1,95 @@
+"""Re-send quarantined contacts whose source rows were fixed; by hand, or on the configured schedule."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+import pendulum
+from airflow.sdk import Param, dag, get_current_context, task
+
+from growthhub_sync.config import load_config
+from growthhub_sync.orchestration import (
+    DEFAULT_ARGS,
+    REPLAY_DAG_ID,
+    on_run_failure,
+    pool_name,
+    selected_locations,
+    summary_table,
+)
+
+if TYPE_CHECKING:
+    from growthhub_sync.config import LocationConfig
+
+CONFIG = load_config()
+log = logging.getLogger(__name__)
+
+DOC = """
+### GrowthHub quarantine replay
+
+Re-reads open rows of `growthhub_quarantine`, takes the **current** source row of each, checks it
+and sends it again. What now syncs is marked `resolved`; what still fails stays `open` with
+`attempts + 1` and its new reasons; rows deleted from the source are marked `ignored`.
+
+Use it after fixing rows at the source (bad emails, phones, birth dates...) or after a GrowthHub
+setting changed (a missing custom field, a user). **Params**: `locations` (empty = all), `stage`
+(`quality` or `api`), `error_contains` (only rows whose errors contain this text), `max_rows`
+per location, `dry_run`.
+"""
+
+
+@dag(
+    dag_id=REPLAY_DAG_ID,
+    schedule=CONFIG.replay_schedule,
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    default_args=DEFAULT_ARGS,
+    on_failure_callback=on_run_failure,
+    params={
+        "locations": Param(
+            [],
+            type="array",
+            items={"type": "string", "enum": [loc.name for loc in CONFIG.locations]},
+            description="Location names to replay; empty = all.",
+        ),
+        "stage": Param(None, type=["null", "string"], enum=[None, "quality", "api"]),
+        "error_contains": Param(None, type=["null", "string"], description="Filter on the error text."),
+        "max_rows": Param(10_000, type="integer", minimum=1, description="Rows per location at most."),
+        "dry_run": Param(False, type="boolean"),
+    },
+    tags=["growthhub", "reverse-etl", "quarantine"],
+    doc_md=DOC,
+)
+def growthhub_quarantine_replay() -> None:
+    @task(trigger_rule="none_failed")
+    def report(results: list[dict[str, Any] | None]) -> None:
+        log.info("GrowthHub replay summary\n%s", summary_table([r for r in results if r]))
+
+    report([replay_location(location) for location in CONFIG.locations])
+
+
+def replay_location(location: LocationConfig) -> Any:
+    name = location.name
+
+    @task(task_id=f"replay_{name}", pool=pool_name(location.location_id))
+    def replay(params: dict[str, Any]) -> dict[str, Any] | None:
+        from growthhub_sync.pipeline import SyncOptions, replay_quarantine
+
+        context = get_current_context()
+        if name not in selected_locations(CONFIG, params["locations"]):
+            return None
+        options = SyncOptions(run_id=context["run_id"], dag_id=REPLAY_DAG_ID, dry_run=params["dry_run"])
+        return replay_quarantine(
+            CONFIG,
+            name,
+            options,
+            stage=params["stage"],
+            contains=params["error_contains"],
+            max_rows=params["max_rows"],
+        )
+
+    return replay()
+
+
+growthhub_quarantine_replay()
