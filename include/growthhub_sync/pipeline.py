@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import create_engine
 
+from growthhub_provider.masking import mask_pii
 from growthhub_sync import state
 from growthhub_sync.config import LocationConfig, SyncConfig, validate_source_columns
 from growthhub_sync.diff import payload_hash, source_hashes, unchanged_by_source
@@ -65,24 +66,13 @@ class SyncOptions:
     """API outcomes recorded per transaction: bounds what a killed worker sends twice."""
 
 
-def mask_email(value: str | None) -> str | None:
-    if not value or "@" not in value:
-        return "***" if value else value
-    local, _, domain = value.partition("@")
-    return f"{local[:1]}***@{domain}"
-
-
-def mask_phone(value: str | None) -> str | None:
-    return f"{value[:2]}***{value[-2:]}" if value and len(value) > 4 else ("***" if value else value)
-
-
 def mask_payload(payload: Mapping[str, Any]) -> dict[str, Any]:
     """A payload fit for logs and XCom: email and phone masked."""
     out = dict(payload)
     if out.get("email"):
-        out["email"] = mask_email(out["email"])
+        out["email"] = mask_pii(str(out["email"]))
     if out.get("phone"):
-        out["phone"] = mask_phone(out["phone"])
+        out["phone"] = mask_pii(str(out["phone"]))
     return out
 
 
@@ -512,7 +502,7 @@ class _BatchRunner:
                 elif out.status == "rejected":
                     s.rejected += 1
                     s.reasons[f"api {out.http_status}"] += 1
-                    s.messages.update(str(m) for m in (out.messages or []))
+                    s.messages.update(mask_pii(str(m)) for m in (out.messages or []))
                     rejected.append(
                         self._q(
                             key, "api", out.http_status, list(out.messages or []), payloads[key], meta[key][1]
