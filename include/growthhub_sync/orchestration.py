@@ -116,23 +116,38 @@ def on_run_failure(context: Mapping[str, Any]) -> None:
     """DAG-level failure callback: exactly one alert per failed run, whichever tasks failed.
 
     Runs in the DAG processor with a thin context: the DAG, the run id, the reason and, when the
-    scheduler knows it, the last task instance that failed.
+    scheduler knows it, the last task instance that failed. Counts and errors come from what the
+    run recorded in the warehouse before it failed.
     """
     config = load_config()
     dag_id, run_id = run_ids(context)
     ti = context.get("ti")
     failed_task = f" in task {ti.task_id}" if ti is not None else ""
     params = context.get("params") or {}
+    progress = _run_progress(config, run_id)
     text = format_alert(
-        headline=f"run failed{failed_task} ({context.get('reason') or 'task failure'})",
+        headline=f"run failed{failed_task} ({context.get('reason') or 'task failure'}); see the task log",
         dag_id=dag_id,
         run_id=run_id,
         locations=params.get("locations") or [loc.name for loc in config.locations],
-        counts={},
-        top_errors=[],
+        counts={k: progress[k] for k in ("synced", "quarantined", "deferred") if k in progress},
+        top_errors=Counter(progress.get("errors", {})).most_common(config.alerts.top_errors),
         run_url=run_url(context),
     )
     send_alert(config.alerts, text, context)
+
+
+def _run_progress(config: SyncConfig, run_id: str) -> dict[str, Any]:
+    """The run's recorded progress, or nothing if the warehouse cannot tell (the alert goes out anyway)."""
+    from growthhub_sync import state
+    from growthhub_sync.pipeline import get_engine
+
+    try:
+        with get_engine(config).connect() as conn:
+            return state.run_progress(conn, state.state_tables(config.state), run_id)
+    except Exception:
+        log.exception("could not read the progress of run %s for its alert", run_id)
+        return {}
 
 
 def summary_table(results: Sequence[Mapping[str, Any]]) -> str:

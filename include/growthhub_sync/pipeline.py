@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _DUPLICATE = re.compile(r"^duplicate identity of (.+)$")
+STILL_QUARANTINED = "unchanged in quarantine"
 OUTCOMES = ("unchanged", "created", "updated", "quarantined", "rejected", "deferred")
 
 
@@ -281,7 +282,7 @@ class _BatchRunner:
         s.unchanged = len(settled)
         s.quarantined = len(still_bad)
         if still_bad:
-            s.reasons["unchanged in quarantine"] += len(still_bad)
+            s.reasons[STILL_QUARANTINED] += len(still_bad)
         done_keys = [keys[i] for i in settled] + still_bad_keys if from_pending else []
         full = self._full_rows([keys[i] for i in todo]) if todo else {}
         vanished = [keys[i] for i in todo if keys[i] not in full]  # deleted or re-routed meanwhile
@@ -696,7 +697,8 @@ def finalize_run(
     for b in batches:
         total.add(b)
         n += 1
-    failed_rows = total.quarantined + total.rejected
+    # rows still in quarantine and unchanged since were alerted on when they first failed
+    failed_rows = total.quarantined + total.rejected - total.reasons.get(STILL_QUARANTINED, 0)
     rate = failed_rows / total.extracted if total.extracted else 0.0
     status = "failed" if error or not total.invariant_ok else "success"
     docs = None

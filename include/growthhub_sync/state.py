@@ -7,6 +7,7 @@ SQLAlchemy Core only, one code path for PostgreSQL and SQLite; every write is an
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -27,6 +28,7 @@ from sqlalchemy import (
     bindparam,
     case,
     exc,
+    func,
     select,
     text,
     update,
@@ -372,3 +374,21 @@ def get_run(conn: Connection, t: StateTables, run_id: str, location: str) -> dic
         select(t.runs).where(and_(t.runs.c.run_id == run_id, t.runs.c.location == location))
     ).first()
     return dict(r._mapping) if r else None
+
+
+def run_progress(conn: Connection, t: StateTables, run_id: str) -> dict[str, Any]:
+    """What a run recorded before it failed (its counts are only added up by a finished run)."""
+
+    def count(table: Table, *where: Any) -> int:
+        return conn.execute(select(func.count()).select_from(table).where(*where)).scalar_one()
+
+    open_rows = (t.quarantine.c.run_id == run_id, _OPEN)
+    errors: Counter[str] = Counter()
+    for (messages,) in conn.execute(select(t.quarantine.c.errors).where(*open_rows)):
+        errors.update(str(m) for m in messages or [])
+    return {
+        "synced": count(t.ledger, t.ledger.c.last_run_id == run_id),
+        "quarantined": count(t.quarantine, *open_rows),
+        "deferred": count(t.pending, t.pending.c.last_run_id == run_id),
+        "errors": dict(errors),
+    }

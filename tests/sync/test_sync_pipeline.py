@@ -315,6 +315,16 @@ class TestBatches:
         assert out["threshold_breached"]
         assert out["reject_rate"] > 0.01
 
+    def test_rows_already_in_quarantine_do_not_breach_the_threshold_again(
+        self, seeded: Warehouse, make_config: Callable[..., SyncConfig], crm: FakeCRM
+    ) -> None:
+        config = make_config(quality__reject_rate_threshold=0.01)
+        assert _run(config, seeded, crm, "r1")["threshold_breached"]
+        again = _run(config, seeded, crm, "r2")
+        assert again["quarantined"] > 0, "the bad rows are still counted as quarantined"
+        assert again["reject_rate"] == 0
+        assert not again["threshold_breached"]
+
     def test_location_filter_routes_rows(
         self, seeded: Warehouse, make_config: Callable[..., SyncConfig], crm: FakeCRM
     ) -> None:
