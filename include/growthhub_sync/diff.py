@@ -15,6 +15,8 @@ from collections.abc import Mapping, Sequence
 from hashlib import blake2b
 from typing import Any
 
+from growthhub_sync.extract import Narrow
+
 
 def canonical_json(payload: Mapping[str, Any]) -> bytes:
     """Key-sorted, whitespace-free JSON: equal payloads give equal bytes."""
@@ -34,8 +36,27 @@ def source_hashes(digests: Sequence[Any], salt: str) -> list[str]:
     return [blake2b(prefix + str(d).encode(), digest_size=16).hexdigest() for d in digests]
 
 
-def unchanged_by_source(
-    keys: Sequence[str], hashes: Sequence[str], ledger: Mapping[str, tuple[str | None, str]]
-) -> list[bool]:
-    """Per row: True when the ledger holds this exact source hash."""
-    return [(entry := ledger.get(k)) is not None and entry[0] == h for k, h in zip(keys, hashes, strict=True)]
+def sorted_by_source(
+    rows: Sequence[Sequence[Any]], hashes: Sequence[str], *, use_ledger: bool = True, use_held: bool = True
+) -> tuple[list[int], list[int], list[int], list[int]]:
+    """Sort a chunk of narrow rows (:class:`Narrow`) by source hash, in one pass, into row indexes:
+
+    * *settled*: the ledger holds this exact source hash (unchanged since it was synced);
+    * *todo*: the full path (map, check, send);
+    * *still_bad* / *dups*: unchanged since it was quarantined (*dups*: as a duplicate).
+
+    ``use_ledger=False`` (a full refresh) settles nothing; ``use_held=False`` (a replay) holds nothing.
+    """
+    ls, lp, hs, hd = Narrow.LEDGER_SOURCE, Narrow.LEDGER_PAYLOAD, Narrow.HELD_SOURCE, Narrow.HELD_DUPLICATE_OF
+    settled: list[int] = []
+    todo: list[int] = []
+    still_bad: list[int] = []
+    dups: list[int] = []
+    for i, (r, h) in enumerate(zip(rows, hashes, strict=True)):
+        if use_ledger and r[ls] == h and r[lp] is not None:
+            settled.append(i)
+        elif use_held and r[hs] == h:
+            (dups if r[hd] else still_bad).append(i)
+        else:
+            todo.append(i)
+    return settled, todo, still_bad, dups

@@ -8,6 +8,9 @@ plan's ranges tile the key space without gaps or overlaps, whatever the key's ty
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -181,7 +184,49 @@ def stream(conn: Connection, stmt: Select[Any], chunk_rows: int) -> Iterator[Seq
         conn.exec_driver_sql("SET LOCAL cursor_tuple_fraction = 1.0")
         conn.exec_driver_sql("SET LOCAL work_mem = '64MB'")  # sort the window in memory, not on disk
     result = conn.execute(stmt.execution_options(stream_results=True, yield_per=chunk_rows))
-    yield from result.partitions(chunk_rows)
+    if conn.dialect.name == "postgresql":
+        # the server computes the next chunk while this one is diffed (a FETCH waits for it
+        # without holding the GIL): the two cores overlap instead of taking turns
+        yield from _prefetched(result.partitions(chunk_rows))
+    else:
+        yield from result.partitions(chunk_rows)
+
+
+_END = object()
+
+
+def _prefetched(chunks: Iterator[Sequence[Row[Any]]]) -> Iterator[Sequence[Row[Any]]]:
+    """Iterate ``chunks`` one chunk ahead in a helper thread; only that thread touches the cursor.
+
+    The thread has finished (and released the cursor) when this generator returns, raises or is
+    closed, so the caller may close the connection right after.
+    """
+    ready: queue.Queue[Any] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def fetch() -> None:
+        try:
+            while not stop.is_set():
+                chunk = next(chunks, _END)
+                ready.put(chunk)
+                if chunk is _END:
+                    return
+        except BaseException as e:  # re-raised in the consumer
+            ready.put(e)
+
+    worker = threading.Thread(target=fetch, name="growthhub-extract-prefetch", daemon=True)
+    worker.start()
+    try:
+        while (item := ready.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a pending put(), wait out a FETCH in flight
+            with contextlib.suppress(queue.Empty):
+                ready.get(timeout=0.05)
+        worker.join()
 
 
 def plan_key_ranges(

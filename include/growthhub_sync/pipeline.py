@@ -22,7 +22,7 @@ from sqlalchemy import create_engine
 from growthhub_provider.masking import mask_pii
 from growthhub_sync import state
 from growthhub_sync.config import LocationConfig, SyncConfig, validate_source_columns
-from growthhub_sync.diff import payload_hash, source_hashes, unchanged_by_source
+from growthhub_sync.diff import payload_hash, sorted_by_source, source_hashes
 from growthhub_sync.extract import KeyRange, Narrow, Source, Window, plan_key_ranges, stream
 from growthhub_sync.mapping import MappedBatch, Mapper
 
@@ -238,46 +238,34 @@ class _BatchRunner:
         self._chunk_no += 1
         keys = [str(r[Narrow.KEY]) for r in rows]
         src_hashes = source_hashes([r[Narrow.DIGEST] for r in rows], self.salt)
-        self._hash_of = dict(zip(keys, src_hashes, strict=True))
+        # one pass over the narrow rows, no per-chunk dicts: most rows of a touched table are
+        # settled here (source hash in the ledger) or still quarantined (source hash held)
+        settled, todo, still_bad, dups = sorted_by_source(
+            rows, src_hashes, use_ledger=not o.full_refresh, use_held=not self.recheck
+        )
+        if dups:
+            # an unchanged duplicate stays quarantined while its unchanged winner still outranks
+            # it in this chunk; otherwise it takes the full path, duplicate check included
+            where = {keys[i]: i for i in settled}
+            for i in dups:
+                winner = where.get(rows[i][Narrow.HELD_DUPLICATE_OF] or "")
+                in_ledger = not o.full_refresh and rows[i][Narrow.LEDGER_PAYLOAD] is not None
+                if winner is not None and _rank(rows[winner], True) > _rank(rows[i], in_ledger):
+                    still_bad.append(i)
+                else:
+                    todo.append(i)
+            todo.sort()
+        # the ledger and the source hashes by key serve only the rows that take the full path
         ledger = (
             {}
-            if o.full_refresh
+            if o.full_refresh or not todo
             else {
                 k: (r[Narrow.LEDGER_SOURCE], r[Narrow.LEDGER_PAYLOAD])
                 for k, r in zip(keys, rows, strict=True)
                 if r[Narrow.LEDGER_PAYLOAD] is not None
             }
         )
-        held = (
-            {}
-            if self.recheck
-            else {
-                k: (r[Narrow.HELD_SOURCE], r[Narrow.HELD_DUPLICATE_OF])
-                for k, r in zip(keys, rows, strict=True)
-                if r[Narrow.HELD_SOURCE] is not None
-            }
-        )
-        same = unchanged_by_source(keys, src_hashes, ledger)
-        settled = [i for i, u in enumerate(same) if u]
-        todo, still_bad, dups = [], [], []
-        for i, (k, h, u) in enumerate(zip(keys, src_hashes, same, strict=True)):
-            if u:
-                continue
-            if k in held and held[k][0] == h:  # unchanged since it was quarantined
-                (dups if held[k][1] else still_bad).append(i)
-            else:
-                todo.append(i)
-        if dups:
-            # an unchanged duplicate stays quarantined while its unchanged winner still outranks
-            # it in this chunk; otherwise it takes the full path, duplicate check included
-            where = {keys[i]: i for i in settled}
-            for i in dups:
-                winner = where.get(held[keys[i]][1] or "")
-                if winner is not None and _rank(rows[winner], True) > _rank(rows[i], keys[i] in ledger):
-                    still_bad.append(i)
-                else:
-                    todo.append(i)
-            todo.sort()
+        self._hash_of = {keys[i]: src_hashes[i] for i in todo}
         still_bad_keys = [keys[i] for i in still_bad]
         s.unchanged = len(settled)
         s.quarantined = len(still_bad)
