@@ -33,7 +33,7 @@ from typing import Any
 from sqlalchemy import create_engine, text
 
 from growthhub_sync.config import SyncConfig, load_config, parse_config
-from growthhub_sync.demo import generate, seed_demo, touch_contacts
+from growthhub_sync.demo import COLUMNS, generate, seed_demo, touch_contacts
 
 PG_URL = os.environ.get("BENCH_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -147,31 +147,7 @@ def bench_b(rows: int, batch_size: int, work: Path) -> dict[str, Any]:
 
     cfg = _config("sqlite://", None, work, batch_size)
     cols = cfg.source_columns()
-    order = [
-        (
-            "id",
-            "first_name",
-            "last_name",
-            "email",
-            "phone",
-            "date_of_birth",
-            "gender",
-            "address1",
-            "city",
-            "state",
-            "postal_code",
-            "country",
-            "website",
-            "timezone",
-            "company_name",
-            "tags",
-            "source",
-            "dnd",
-            "lifetime_value",
-            "updated_at",
-        ).index(c)
-        for c in cols
-    ]
+    order = [COLUMNS.index(c) for c in cols]
     data = [tuple(r[i] for i in order) for r in generate(rows, seed=7)]
     mapper = Mapper(cfg, cols)
     checker = QualityChecker(cfg, list(mapper.map(data[:1], "x").frame.columns))

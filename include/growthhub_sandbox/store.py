@@ -370,7 +370,11 @@ class Store:
             }
 
     def _new_id(self) -> str:
-        return "".join(self._rng.choices(_ID_ALPHABET, k=20))
+        # the seeded generator restarts with the server: skip ids a --state file already holds
+        while True:
+            contact_id = "".join(self._rng.choices(_ID_ALPHABET, k=20))
+            if not any(contact_id in location.contacts for location in self.locations.values()):
+                return contact_id
 
     # --- persistence -----------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from sqlalchemy import create_engine
 
 from growthhub_provider.masking import mask_pii
 from growthhub_sync import state
-from growthhub_sync.config import LocationConfig, SyncConfig, validate_source_columns
+from growthhub_sync.config import ConfigError, LocationConfig, SyncConfig, validate_source_columns
 from growthhub_sync.diff import payload_hash, sorted_by_source, source_hashes
 from growthhub_sync.extract import KeyRange, Narrow, Source, Window, plan_key_ranges, stream
 from growthhub_sync.mapping import MappedBatch, Mapper
@@ -584,6 +584,19 @@ def _window(window: Window | Mapping[str, Any] | None, full_refresh: bool) -> Wi
     return window if isinstance(window, Window) else Window.from_dict(window)
 
 
+def _require_connection(location: LocationConfig) -> None:
+    """Fail the plan, naming the key, when the location's Airflow connection is not defined."""
+    from airflow.sdk import BaseHook
+
+    try:
+        BaseHook.get_connection(location.conn_id)
+    except Exception as exc:
+        raise ConfigError(
+            f"locations[{location.name}].conn_id: Airflow connection {location.conn_id!r} is not defined "
+            f"({type(exc).__name__})"
+        ) from None
+
+
 def plan_sync(
     config: SyncConfig,
     location: str,
@@ -592,17 +605,21 @@ def plan_sync(
     engine: Engine | None = None,
     batch_rows: int = 50_000,
     options: SyncOptions | None = None,
+    check_connection: bool = True,
 ) -> dict[str, Any]:
     """Count the run's rows (window + pending) and cut them into key ranges for mapped tasks.
 
-    Validates the config against the table and creates the state tables, so mapped tasks
-    start on a checked setup. Returns ``{"location", "window", "total", "batches": [{"lo", "hi"}]}``
-    (JSON-safe, for XCom); there is always at least one batch.
+    Validates the config against the table, checks that the location's GrowthHub connection
+    exists (unless ``check_connection`` is off: a caller bringing its own upserter) and creates
+    the state tables, so mapped tasks start on a checked setup. Returns ``{"location", "window",
+    "total", "batches": [{"lo", "hi"}]}`` (JSON-safe, for XCom); there is always at least one batch.
     """
     o = options or SyncOptions()
     loc = config.location(location)
     eng = get_engine(config, engine)
     tables = _prepare(config, eng)
+    if check_connection and not o.dry_run:
+        _require_connection(loc)
     win = _window(window, o.full_refresh)
     with eng.connect() as conn:
         total, ranges = plan_key_ranges(conn, Source(config, loc, tables, eng.dialect.name), win, batch_rows)
@@ -749,7 +766,9 @@ def sync(
     """Plan, sync every batch in this process and finalise: one call for the CLI, demo and tests."""
     o = options or SyncOptions()
     eng = get_engine(config, engine)
-    plan = plan_sync(config, location, window, engine=eng, options=o, batch_rows=10**12)
+    plan = plan_sync(
+        config, location, window, engine=eng, options=o, batch_rows=10**12, check_connection=upserter is None
+    )
     summaries = [
         sync_batch(config, location, plan["window"], b, o, engine=eng, upserter=upserter)
         for b in plan["batches"]

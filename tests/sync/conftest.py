@@ -7,35 +7,18 @@ dropped at the end; SQLite tests get a file in ``tmp_path``.
 from __future__ import annotations
 
 import itertools
-import os
-import uuid
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
+from sync_support import PG_URL, SESSION, T0, FakeCRM, Warehouse, make_sync_config
 
-from growthhub_sync.config import SyncConfig, load_config, parse_config
+from growthhub_sync.config import SyncConfig
 from growthhub_sync.demo import seed_demo
 
-PG_URL = os.environ.get("GROWTHHUB_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
-SESSION = f"ghs_{uuid.uuid4().hex[:8]}"
-_counter = itertools.count()
-
-T0 = datetime(2026, 1, 1, tzinfo=UTC)
-DAY = {"start": T0.isoformat(), "end": (T0 + timedelta(days=1)).isoformat()}
-
-
-@dataclass
-class Warehouse:
-    name: str
-    url: str
-    engine: Engine
-    schema: str | None
+_schemas = itertools.count()
 
 
 @pytest.fixture(scope="session")
@@ -62,104 +45,19 @@ def warehouse(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Wareho
         engine.dispose()
     else:
         engine = request.getfixturevalue("pg_engine")
-        yield Warehouse("postgresql", PG_URL, engine, f"{SESSION}_{next(_counter)}")
-
-
-def _make_config(wh: Warehouse, tmp_path: Path, **overrides: Any) -> SyncConfig:
-    data = load_config().model_dump(by_alias=True, exclude_none=True)
-    data["source"].update(url=wh.url, schema=wh.schema)
-    data["state"] = {"schema": wh.schema, "prefix": ""}
-    data["locations"] = [{"name": "default", "location_id": "loc1", "conn_id": "growthhub_default"}]
-    data["quality"].update(
-        results_dir=str(tmp_path / "gx" / "results"), data_docs_dir=str(tmp_path / "gx" / "docs")
-    )
-    data["batch_size"] = 500
-    for key, value in overrides.items():
-        section, _, sub = key.partition("__")
-        if sub:
-            data[section] = {**data.get(section, {}), sub: value}
-        else:
-            data[section] = value
-    return parse_config(data, "test")
+        yield Warehouse("postgresql", PG_URL, engine, f"{SESSION}_{next(_schemas)}")
 
 
 @pytest.fixture
 def make_config(warehouse: Warehouse, tmp_path: Path) -> Callable[..., SyncConfig]:
     """The shipped default config pointed at the test warehouse; ``section__key=value`` overrides."""
-    return lambda **overrides: _make_config(warehouse, tmp_path, **overrides)
+    return lambda **overrides: make_sync_config(warehouse, tmp_path, **overrides)
 
 
 @pytest.fixture
 def seeded(warehouse: Warehouse) -> Warehouse:
     seed_demo(warehouse.engine, 1000, schema=warehouse.schema, start=T0)
     return warehouse
-
-
-@dataclass(frozen=True)
-class Outcome:
-    key: str
-    status: str
-    contact_id: str | None = None
-    http_status: int | None = None
-    messages: list[str] = field(default_factory=list)
-    trace_id: str | None = None
-    attempts: int = 1
-
-
-class AuthFailure(Exception):
-    """Stands in for the hook's GrowthHubAuthError."""
-
-
-@dataclass
-class FakeCRM:
-    """A CRM behind the hook's ``upsert_contacts`` contract: matches on email, then phone.
-
-    ``reject``/``fail`` give per-key outcomes, ``quota`` sends that many rows then skips,
-    ``auth_error_after`` raises after that many outcomes.
-    """
-
-    reject: dict[str, list[str]] = field(default_factory=dict)
-    fail: set[str] = field(default_factory=set)
-    quota: int | None = None
-    auth_error_after: int | None = None
-    contacts: dict[str, dict[str, Any]] = field(default_factory=dict)
-    sent: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
-
-    def _match(self, payload: dict[str, Any]) -> str | None:
-        for cid, c in self.contacts.items():
-            if payload.get("email") and (c.get("email") or "").lower() == payload["email"].lower():
-                return cid
-        for cid, c in self.contacts.items():
-            if payload.get("phone") and c.get("phone") == payload["phone"]:
-                return cid
-        return None
-
-    def upsert_contacts(
-        self, rows: Iterable[tuple[str, dict[str, Any]]], *, daily_reserve: int = 0
-    ) -> Iterator[Outcome]:
-        for n, (key, payload) in enumerate(rows):
-            if self.auth_error_after is not None and n >= self.auth_error_after:
-                raise AuthFailure("401 invalid token")
-            if self.quota is not None and len(self.sent) >= self.quota:
-                yield Outcome(key, "skipped", messages=["daily quota reserve reached"])
-                continue
-            self.sent.append((key, payload))
-            if key in self.reject:
-                yield Outcome(key, "rejected", http_status=422, messages=self.reject[key])
-                continue
-            if key in self.fail:
-                yield Outcome(
-                    key, "failed", http_status=503, messages=["503 Service Unavailable"], attempts=5
-                )
-                continue
-            cid = self._match(payload)
-            if cid is None:
-                cid = f"c{len(self.contacts) + 1}"
-                self.contacts[cid] = {k: v for k, v in payload.items() if v is not None}
-                yield Outcome(key, "created", contact_id=cid)
-            else:
-                self.contacts[cid].update({k: v for k, v in payload.items() if v is not None})
-                yield Outcome(key, "updated", contact_id=cid)
 
 
 @pytest.fixture

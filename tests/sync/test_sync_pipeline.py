@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DAY, PG_URL, SESSION, T0, AuthFailure, FakeCRM, Warehouse, _make_config
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.engine import Engine
+from sync_support import DAY, PG_URL, SESSION, T0, AuthFailure, FakeCRM, Warehouse, make_sync_config
 
 from growthhub_sync import state
 from growthhub_sync.config import ConfigError, SyncConfig
@@ -114,6 +114,22 @@ class TestOutcomes:
         assert [k for k, _ in crm.sent] == ["C00000001"]
         errors = {q["source_key"]: q["errors"] for q in _rows(warehouse, cfg, "quarantine")}
         assert errors == {k: ["duplicate identity of C00000001"] for k in ("C00000000", "C00000002")}
+
+    @pytest.mark.xfail(
+        strict=True,
+        reason="known limitation: duplicate identities are detected within a chunk only; across "
+        "chunks the API merges the rows into one contact (docs/reliability.md)",
+    )
+    def test_duplicates_in_different_chunks_latest_wins(
+        self, warehouse: Warehouse, make_config: Callable[..., SyncConfig], crm: FakeCRM
+    ) -> None:
+        seed_demo(warehouse.engine, 3, schema=warehouse.schema, start=T0, bad_share=0)
+        for key, hour in (("C00000000", 1), ("C00000002", 3)):
+            _set(warehouse, key, email="same@example.com", updated_at=T0 + timedelta(hours=hour))
+        cfg = make_config(batch_size=1)
+        out = sync(cfg, "default", None, SyncOptions(run_id="r1"), engine=warehouse.engine, upserter=crm)
+        assert out["quarantined"] == 1
+        assert "C00000000" not in [k for k, _ in crm.sent]
 
     def test_warning_check_drops_the_field_and_sends_the_row(
         self, seeded: Warehouse, make_config: Callable[..., SyncConfig], crm: FakeCRM
@@ -293,7 +309,9 @@ class TestDeferred:
 class TestBatches:
     def test_key_ranges_tile_the_window(self, seeded: Warehouse, cfg: SyncConfig, crm: FakeCRM) -> None:
         opts = SyncOptions(run_id="r1", dag_id="growthhub_contact_sync")
-        plan = plan_sync(cfg, "default", DAY, engine=seeded.engine, batch_rows=300, options=opts)
+        plan = plan_sync(
+            cfg, "default", DAY, engine=seeded.engine, batch_rows=300, options=opts, check_connection=False
+        )
         assert plan["total"] == 1000
         assert len(plan["batches"]) == 4
         assert _rows(seeded, cfg, "runs", run_id="r1")[0]["status"] == "running"
@@ -397,7 +415,7 @@ def test_psycopg3_warehouse_syncs_idempotently(tmp_path: Path, pg_engine: Engine
     engine = create_engine(url)
     wh = Warehouse("psycopg3", url, engine, f"{SESSION}_psycopg3")
     seed_demo(engine, 300, schema=wh.schema, start=T0)
-    cfg = _make_config(wh, tmp_path)
+    cfg = make_sync_config(wh, tmp_path)
     first = _run(cfg, wh, crm, "r1")
     second = _run(cfg, wh, crm, "r2")
     engine.dispose()

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import DAY, T0, Warehouse
 from sqlalchemy import func, select
+from sync_support import DAY, T0, Warehouse
 
 from growthhub_provider.hooks.growthhub import GrowthHubAuthError
 from growthhub_sandbox.testing import SandboxAdmin, SandboxProcess
