@@ -20,8 +20,9 @@ from sqlalchemy.engine import Engine
 
 from growthhub_sandbox.testing import SandboxAdmin
 from growthhub_sync import state
-from growthhub_sync.config import SyncConfig, load_config, parse_config
+from growthhub_sync.config import SyncConfig
 from growthhub_sync.mapping import Mapper
+from growthhub_sync.testing import config_for
 
 PG_URL = os.environ.get("GROWTHHUB_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 SESSION = f"ghrel_{uuid.uuid4().hex[:8]}"
@@ -60,21 +61,7 @@ def make_config(
     wh: Warehouse, tmp_path: Path, *, location_id: str = LOCATION_ID, **overrides: Any
 ) -> SyncConfig:
     """The shipped default config on ``wh``; ``section__key=value`` overrides one key of a section."""
-    data = load_config().model_dump(by_alias=True, exclude_none=True)
-    data["source"].update(url=wh.url, schema=wh.schema)
-    data["state"] = {"schema": wh.schema, "prefix": ""}
-    data["locations"] = [{"name": "default", "location_id": location_id, "conn_id": "growthhub_default"}]
-    data["quality"].update(
-        results_dir=str(tmp_path / "gx" / "results"), data_docs_dir=str(tmp_path / "gx" / "docs")
-    )
-    data["batch_size"] = 500
-    for key, value in overrides.items():
-        section, _, sub = key.partition("__")
-        if sub:
-            data[section] = {**data.get(section, {}), sub: value}
-        else:
-            data[section] = value
-    return parse_config(data, "reliability")
+    return config_for(wh.url, wh.schema, tmp_path, location_id=location_id, origin="reliability", **overrides)
 
 
 def setup_sandbox_location(admin: SandboxAdmin, location_id: str = LOCATION_ID, token: str = TOKEN) -> None:

@@ -12,7 +12,8 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
-from growthhub_sync.config import SyncConfig, load_config, parse_config
+from growthhub_sync.config import SyncConfig
+from growthhub_sync.testing import config_for
 
 PG_URL = os.environ.get("GROWTHHUB_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 SESSION = f"ghs_{uuid.uuid4().hex[:8]}"
@@ -30,21 +31,7 @@ class Warehouse:
 
 
 def make_sync_config(wh: Warehouse, tmp_path: Path, **overrides: Any) -> SyncConfig:
-    data = load_config().model_dump(by_alias=True, exclude_none=True)
-    data["source"].update(url=wh.url, schema=wh.schema)
-    data["state"] = {"schema": wh.schema, "prefix": ""}
-    data["locations"] = [{"name": "default", "location_id": "loc1", "conn_id": "growthhub_default"}]
-    data["quality"].update(
-        results_dir=str(tmp_path / "gx" / "results"), data_docs_dir=str(tmp_path / "gx" / "docs")
-    )
-    data["batch_size"] = 500
-    for key, value in overrides.items():
-        section, _, sub = key.partition("__")
-        if sub:
-            data[section] = {**data.get(section, {}), sub: value}
-        else:
-            data[section] = value
-    return parse_config(data, "test")
+    return config_for(wh.url, wh.schema, tmp_path, **overrides)
 
 
 @dataclass(frozen=True)
