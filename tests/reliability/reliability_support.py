@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import Engine
 
+from growthhub_provider.hooks.growthhub import UpsertOutcome
 from growthhub_sandbox.testing import SandboxAdmin
 from growthhub_sync import state
 from growthhub_sync.config import SyncConfig
@@ -189,17 +190,6 @@ def sandbox_contacts(admin: SandboxAdmin, location_id: str = LOCATION_ID) -> lis
     return admin.contacts(location_id)
 
 
-@dataclass(frozen=True)
-class _Outcome:
-    key: str
-    status: str
-    contact_id: str | None = None
-    http_status: int | None = None
-    messages: list[str] = field(default_factory=list)
-    trace_id: str | None = None
-    attempts: int = 1
-
-
 @dataclass
 class StrictJsonCRM:
     """Creates one contact per row; rejects (422) a payload that is not strict JSON, as an API would."""
@@ -209,12 +199,12 @@ class StrictJsonCRM:
 
     def upsert_contacts(
         self, rows: Iterable[tuple[str, dict[str, Any]]], *, daily_reserve: int = 0
-    ) -> Iterator[_Outcome]:
+    ) -> Iterator[UpsertOutcome]:
         for key, payload in rows:
             self.sent.append((key, payload))
             try:
                 json.dumps(payload, allow_nan=False)
             except (TypeError, ValueError) as exc:
-                yield _Outcome(key, "rejected", http_status=422, messages=[f"not JSON: {exc}"])
+                yield UpsertOutcome(key, "rejected", http_status=422, messages=[f"not JSON: {exc}"])
                 continue
-            yield _Outcome(key, "created", contact_id=f"c{next(self.ids)}")
+            yield UpsertOutcome(key, "created", contact_id=f"c{next(self.ids)}")

@@ -12,6 +12,7 @@ from typing import Any
 
 from sqlalchemy.engine import Engine
 
+from growthhub_provider.hooks.growthhub import UpsertOutcome
 from growthhub_sync.config import SyncConfig
 from growthhub_sync.testing import config_for
 
@@ -32,17 +33,6 @@ class Warehouse:
 
 def make_sync_config(wh: Warehouse, tmp_path: Path, **overrides: Any) -> SyncConfig:
     return config_for(wh.url, wh.schema, tmp_path, **overrides)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    key: str
-    status: str
-    contact_id: str | None = None
-    http_status: int | None = None
-    messages: list[str] = field(default_factory=list)
-    trace_id: str | None = None
-    attempts: int = 1
 
 
 class AuthFailure(Exception):
@@ -75,19 +65,19 @@ class FakeCRM:
 
     def upsert_contacts(
         self, rows: Iterable[tuple[str, dict[str, Any]]], *, daily_reserve: int = 0
-    ) -> Iterator[Outcome]:
+    ) -> Iterator[UpsertOutcome]:
         for n, (key, payload) in enumerate(rows):
             if self.auth_error_after is not None and n >= self.auth_error_after:
                 raise AuthFailure("401 invalid token")
             if self.quota is not None and len(self.sent) >= self.quota:
-                yield Outcome(key, "skipped", messages=["daily quota reserve reached"])
+                yield UpsertOutcome(key, "skipped", messages=["daily quota reserve reached"])
                 continue
             self.sent.append((key, payload))
             if key in self.reject:
-                yield Outcome(key, "rejected", http_status=422, messages=self.reject[key])
+                yield UpsertOutcome(key, "rejected", http_status=422, messages=self.reject[key])
                 continue
             if key in self.fail:
-                yield Outcome(
+                yield UpsertOutcome(
                     key, "failed", http_status=503, messages=["503 Service Unavailable"], attempts=5
                 )
                 continue
@@ -95,7 +85,7 @@ class FakeCRM:
             if cid is None:
                 cid = f"c{len(self.contacts) + 1}"
                 self.contacts[cid] = {k: v for k, v in payload.items() if v is not None}
-                yield Outcome(key, "created", contact_id=cid)
+                yield UpsertOutcome(key, "created", contact_id=cid)
             else:
                 self.contacts[cid].update({k: v for k, v in payload.items() if v is not None})
-                yield Outcome(key, "updated", contact_id=cid)
+                yield UpsertOutcome(key, "updated", contact_id=cid)
