@@ -140,6 +140,8 @@ def _print_run(engine: Any, config: Any, run_id: str, location: str) -> dict[str
     counts = "  ".join(f"{name} {row[name]:,}" for name in state.RUN_COUNTS)
     print(f"  {counts}")
     details = row.get("details") or {}
+    if details.get("displaced"):
+        print(f"  displaced {details['displaced']:,} (synced earlier; a newer row took their email/phone)")
     for reason, n in (details.get("reasons") or {}).items():
         print(f"    quarantined/rejected: {n:>5,} x {reason}")
     for message, n in (details.get("messages") or {}).items():

@@ -152,11 +152,11 @@ def _run_progress(config: SyncConfig, run_id: str) -> dict[str, Any]:
 
 def summary_table(results: Sequence[Mapping[str, Any]]) -> str:
     """A fixed-width table of a run's counts per location, for the task log."""
-    header = ("location", *COUNT_NAMES, "reject %")
+    header = ("location", *COUNT_NAMES, "displaced", "reject %")
     rows = [
         (
             str(r["location"]),
-            *(str(r.get(name, 0)) for name in COUNT_NAMES),
+            *(str(r.get(name, 0)) for name in (*COUNT_NAMES, "displaced")),
             f"{100 * r.get('reject_rate', 0):.2f}",
         )
         for r in results

@@ -15,7 +15,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from sqlalchemy import create_engine
 
@@ -27,7 +27,9 @@ from growthhub_sync.extract import KeyRange, Narrow, Source, Window, plan_key_ra
 from growthhub_sync.mapping import MappedBatch, Mapper
 
 if TYPE_CHECKING:
-    from sqlalchemy.engine import Engine, Row
+    from datetime import datetime
+
+    from sqlalchemy.engine import Connection, Engine, Row
 
     from growthhub_sync.checks import QualityChecker
 
@@ -35,6 +37,11 @@ log = logging.getLogger(__name__)
 
 _DUPLICATE = re.compile(r"^duplicate identity of (.+)$")
 STILL_QUARANTINED = "unchanged in quarantine"
+OVERWRITTEN = "contact overwritten by a row that lost its identity to this one: resend"
+RESEND = "sent while a row that lost its identity to it was being sent: resend"
+IDENTITY_FREED = "the row it lost its identity to gave it up: decide again"
+LEFTOVERS = (OVERWRITTEN, RESEND, IDENTITY_FREED)
+"""Pending reasons :func:`finalize_run` settles once every batch of the run is done."""
 OUTCOMES = ("unchanged", "created", "updated", "quarantined", "rejected", "deferred")
 
 
@@ -91,6 +98,9 @@ class Summary:
     warnings: int = 0
     checked: int = 0
     """Rows that went through the GX suite (the others were settled by their hashes)."""
+    displaced: int = 0
+    """Rows synced earlier (this run or before) whose email or phone a newer row took: now
+    quarantined as its duplicates. Not an outcome of this run's rows: outside the invariant."""
     reasons: Counter[str] = field(default_factory=Counter)
     """Quarantine reasons (check names, ``duplicate``, ``api <status>``) → rows."""
     messages: Counter[str] = field(default_factory=Counter)
@@ -107,7 +117,7 @@ class Summary:
 
     def add(self, other: Summary | Mapping[str, Any]) -> None:
         data = other.as_dict() if isinstance(other, Summary) else other
-        for name in ("extracted", *OUTCOMES, "warnings", "checked"):
+        for name in ("extracted", *OUTCOMES, "warnings", "checked", "displaced"):
             setattr(self, name, getattr(self, name) + int(data.get(name, 0)))
         self.reasons.update(data.get("reasons", {}))
         self.messages.update(data.get("messages", {}))
@@ -119,6 +129,7 @@ class Summary:
             **{o: getattr(self, o) for o in OUTCOMES},
             "warnings": self.warnings,
             "checked": self.checked,
+            "displaced": self.displaced,
             "reasons": dict(self.reasons.most_common()),
             "messages": dict(self.messages.most_common(10)),
             "samples": self.samples,
@@ -194,8 +205,13 @@ class _BatchRunner:
         self.summary = Summary()
         self._chunk_no = 0
         self._hash_of: dict[str, str] = {}
+        self._owned: dict[str, list[str]] = {}
+        """Identities each row of the current chunk owns (to check them again after sending)."""
+        self._outcome_of: dict[str, str] = {}
         self.recheck = False
         """Check and send quarantined rows even when unchanged (the replay)."""
+        self.settling = False
+        """Sending a run's leftovers after its batches: no other task of the run is sending."""
 
     # -- collaborators, created on first use (a chunk of unchanged rows needs neither) -----
     def checker(self, columns: Sequence[str]) -> QualityChecker:
@@ -213,12 +229,17 @@ class _BatchRunner:
     # -- the stages ---------------------------------------------------------------------
     def run_range(self, window: Window, key_range: KeyRange) -> Summary:
         size = self.config.batch_size
+        done: set[str] = set()
         with self.engine.connect() as conn:
-            # pending rows first: they waited longest; the window query leaves them out
-            for pending in (True, False):
-                stmt = self.source.selection(window, key_range, pending=pending)
-                for chunk in stream(conn, stmt, size):
-                    self.process(chunk, from_pending=pending)
+            # pending rows first: they waited longest. The window query leaves pending rows out,
+            # but it starts after the pending pass cleared theirs: skip the ones already done
+            for chunk in stream(conn, self.source.selection(window, key_range, pending=True), size):
+                done.update(str(r[Narrow.KEY]) for r in chunk)
+                self.process(chunk, from_pending=True)
+            for chunk in stream(conn, self.source.selection(window, key_range, pending=False), size):
+                rows = [r for r in chunk if str(r[Narrow.KEY]) not in done] if done else chunk
+                if rows:
+                    self.process(rows, from_pending=False)
         return self.summary
 
     def process(
@@ -244,13 +265,19 @@ class _BatchRunner:
             rows, src_hashes, use_ledger=not o.full_refresh, use_held=not self.recheck
         )
         if dups:
-            # an unchanged duplicate stays quarantined while its unchanged winner still outranks
-            # it in this chunk; otherwise it takes the full path, duplicate check included
-            where = {keys[i]: i for i in settled}
-            for i in dups:
-                winner = where.get(rows[i][Narrow.HELD_DUPLICATE_OF] or "")
+            # an unchanged duplicate stays quarantined while the row it lost to still owns one of
+            # its identities and outranks it; otherwise it takes the full path and is decided again
+            contacts = [(rows[i][Narrow.EMAIL], rows[i][Narrow.PHONE]) for i in dups]
+            found = [_names(ids) for ids in self.mapper.identities(contacts)]
+            with self.engine.connect() as conn:
+                winners = self._holders(conn, {str(rows[i][Narrow.HELD_DUPLICATE_OF]) for i in dups})
+                owners = state.lock_identities(conn, self.tables, loc, set().union(*found), write=False)
+            for i, ids in zip(dups, found, strict=True):
+                key = str(rows[i][Narrow.HELD_DUPLICATE_OF])
+                w = winners.get(key)
                 in_ledger = not o.full_refresh and rows[i][Narrow.LEDGER_PAYLOAD] is not None
-                if winner is not None and _rank(rows[winner], True) > _rank(rows[i], in_ledger):
+                owns = any(owners.get(n) == key for n in ids & w.ids) if w is not None else False
+                if owns and w.rank > _rank(rows[i], in_ledger):
                     still_bad.append(i)
                 else:
                     todo.append(i)
@@ -266,6 +293,7 @@ class _BatchRunner:
             }
         )
         self._hash_of = {keys[i]: src_hashes[i] for i in todo}
+        self._owned = {}
         still_bad_keys = [keys[i] for i in still_bad]
         s.unchanged = len(settled)
         s.quarantined = len(still_bad)
@@ -278,9 +306,9 @@ class _BatchRunner:
         s.deferred = len(vanished)
 
         quarantine: list[dict[str, Any]] = []
-        refresh: dict[str, str] = {}
-        sends: list[tuple[str, dict[str, Any]]] = []
-        send_meta: dict[str, tuple[str, str]] = {}
+        batch: MappedBatch | None = None
+        passing: list[int] = []
+        ids_of: dict[int, list[str]] = {}
         if todo:
             batch = self.mapper.map([full[keys[i]] for i in todo], self.location.location_id)
             result = self.checker(list(batch.frame.columns)).validate(
@@ -288,7 +316,6 @@ class _BatchRunner:
             )
             s.checked = len(todo)
             errors = set(self.config.quality.errors) | {"identity"}
-            passing: list[int] = []
             for j in range(len(todo)):
                 failed = result.failures.get(j, {})
                 bad = {c: r for c, r in failed.items() if c in errors}
@@ -310,22 +337,18 @@ class _BatchRunner:
                         batch.payloads[j].pop(f, None)
                 s.warnings += bool(failed)
                 passing.append(j)
+            found = self.mapper.identities([self.mapper.contact(batch.rows[j]) for j in passing])
+            ids_of = {j: sorted(_names(ids)) for j, ids in zip(passing, found, strict=True)}
             passing = self._dedupe(
-                batch, passing, quarantine, s, ledger, [rows[i] for i in settled] + list(context)
+                batch, passing, found, quarantine, s, ledger, [rows[i] for i in settled] + list(context)
             )
-            s.quarantined += len(quarantine)
-            for j in passing:
-                k, p = batch.keys[j], batch.payloads[j]
-                h = payload_hash(p)
-                entry = ledger.get(k)
-                if entry is not None and entry[1] == h and not o.full_refresh:
-                    s.unchanged += 1
-                    refresh[k] = src_hashes[todo[j]]
-                else:
-                    sends.append((k, p))
-                    send_meta[k] = (h, src_hashes[todo[j]])
 
         if o.dry_run:
+            if batch is not None:
+                with self.engine.connect() as conn:
+                    passing = self._claim(conn, batch, passing, ids_of, ledger, quarantine, s, write=False)
+            sends, _, _ = self._sends(batch, passing, ledger, [src_hashes[i] for i in todo], s)
+            s.quarantined += len(quarantine)
             for k, p in sends:
                 s.updated += k in ledger
                 s.created += k not in ledger
@@ -336,14 +359,15 @@ class _BatchRunner:
 
         now = state.utcnow()
         with self.engine.begin() as conn:
+            if batch is not None:
+                passing = self._claim(conn, batch, passing, ids_of, ledger, quarantine, s, write=True)
+            sends, send_meta, refresh = self._sends(batch, passing, ledger, [src_hashes[i] for i in todo], s)
+            s.quarantined += len(quarantine)
             gone = "changed or gone during the run"
             state.mark_pending(
                 conn,
                 self.tables,
-                [
-                    {"location": loc, "source_key": k, "reason": gone, "last_run_id": o.run_id}
-                    for k in vanished
-                ],
+                self._pending_rows(vanished, gone),
                 now=now,
             )
             state.quarantine_rows(conn, self.tables, quarantine, now=now)
@@ -355,7 +379,7 @@ class _BatchRunner:
             if from_pending:
                 state.clear_pending(conn, self.tables, loc, closed)
         if sends:
-            self._send(sends, send_meta, s, from_pending)
+            self._send(sends, send_meta, s)
         self._finish(s)
 
     def _full_rows(self, keys: Sequence[str]) -> dict[str, Sequence[Any]]:
@@ -395,18 +419,18 @@ class _BatchRunner:
         self,
         batch: MappedBatch,
         passing: list[int],
+        ids: Sequence[list[tuple[str, str]]],
         quarantine: list[dict[str, Any]],
         s: Summary,
         ledger: Mapping[str, Any],
         settled: Sequence[Sequence[Any]],
     ) -> list[int]:
         """Same email or phone twice in a chunk: the best-ranked row wins (:func:`_rank`), the rest
-        are quarantined as duplicates.
+        are quarantined as duplicates. ``ids`` are the identities of the ``passing`` rows.
 
         ``settled`` rows (unchanged, or the winners a replayed duplicate lost to) compete but are
         never quarantined, so a rerun decides as the first run did.
         """
-        ids = self.mapper.identities([self.mapper.contact(batch.rows[j]) for j in passing])
         contenders = [
             ((str(batch.updated_at[j]), batch.keys[j] in ledger, batch.keys[j]), ids[n], j)
             for n, j in enumerate(passing)
@@ -439,12 +463,150 @@ class _BatchRunner:
                 keep.append(j)
         return sorted(keep)
 
+    def _claim(
+        self,
+        conn: Connection,
+        batch: MappedBatch,
+        passing: list[int],
+        ids_of: Mapping[int, list[str]],
+        ledger: Mapping[str, Any],
+        quarantine: list[dict[str, Any]],
+        s: Summary,
+        *,
+        write: bool,
+    ) -> list[int]:
+        """Same email or phone in another chunk, mapped task or run: one owner per identity.
+
+        The API would merge such rows into one contact holding whichever came last. A row is
+        sent only if it owns each of its identities: free ones, its own, ones whose owner's
+        source row no longer has them, and ones whose owner it outranks (:func:`_rank`, on the
+        owner's current row). An outranked owner is *displaced*: dropped from the ledger and
+        quarantined as a duplicate of the new owner, whose values its contact gets. A row an
+        owner outranks is quarantined as that owner's duplicate. ``write=False`` (a dry run)
+        decides without recording anything.
+        """
+        loc, o = self.location.name, self.options
+        owners = state.lock_identities(
+            conn, self.tables, loc, (n for j in passing for n in ids_of[j]), write=write
+        )
+        here = {batch.keys[j]: j for j in passing}
+        current = self._holders(conn, {k for k in owners.values() if k and k not in here})
+        current.update(
+            (k, _Holder((str(batch.updated_at[j]), k in ledger, k), set(ids_of[j]), self._hash_of[k]))
+            for k, j in here.items()
+        )
+        queued = {q["source_key"] for q in quarantine}
+        claims: dict[str, str] = {}
+        displaced: dict[str, str] = {}
+        keep: list[int] = []
+        for j in passing:
+            key = batch.keys[j]
+            rivals = {
+                owner
+                for n in ids_of[j]
+                if (owner := owners[n]) not in (None, key) and owner in current and n in current[owner].ids
+            }
+            winner = max(rivals, key=lambda r: current[r].rank, default=None)
+            if winner is not None and current[winner].rank > current[key].rank:
+                quarantine.append(
+                    self._q(
+                        key,
+                        "quality",
+                        None,
+                        [f"duplicate identity of {winner}"],
+                        batch.payloads[j],
+                        self._hash_of[key],
+                        duplicate_of=winner,
+                    )
+                )
+                queued.add(key)
+                s.reasons["duplicate"] += 1
+                continue
+            keep.append(j)
+            self._owned[key] = ids_of[j]
+            claims.update((n, key) for n in ids_of[j] if owners[n] != key)
+            displaced.update(dict.fromkeys(rivals, key))
+        if not write:
+            return keep
+        now = state.utcnow()
+        if displaced:
+            # not an outcome of this chunk's rows (a displaced row was counted when it synced)
+            moved = [
+                self._q(
+                    old,
+                    "quality",
+                    None,
+                    [f"duplicate identity of {new}"],
+                    None,
+                    current[old].source_hash,
+                    duplicate_of=new,
+                )
+                for old, new in displaced.items()
+                if old not in queued
+            ]
+            log.info("%d synced rows displaced by newer rows sharing their email or phone", len(moved))
+            s.displaced += len(moved)
+            state.quarantine_rows(conn, self.tables, moved, now=now)
+            state.drop_from_ledger(conn, self.tables, loc, sorted(displaced))
+        # identities a row no longer has, and everything a displaced row owned, become free
+        kept = {batch.keys[j]: set(ids_of[j]) for j in keep}
+        owned = state.identities_owned(conn, self.tables, loc, kept)
+        state.release_identities(conn, self.tables, loc, {n for k, ns in owned.items() for n in ns - kept[k]})
+        state.release_owned(conn, self.tables, loc, displaced)
+        state.claim_identities(conn, self.tables, loc, claims, run_id=o.run_id, now=now)
+        gave_up = {k for k, ns in owned.items() if ns - kept[k]} | set(displaced)
+        self._redecide(conn, gave_up, queued | set(displaced), now)
+        return keep
+
+    def _holders(self, conn: Connection, keys: Iterable[str]) -> dict[str, _Holder]:
+        """Rank, identities and source hash of the current source rows of ``keys`` (gone rows left out)."""
+        wanted = sorted(keys)
+        rows: list[Row[Any]] = []
+        for i in range(0, len(wanted), 2000):
+            rows.extend(conn.execute(self.source.by_keys(wanted[i : i + 2000])))
+        found = self.mapper.identities([(r[Narrow.EMAIL], r[Narrow.PHONE]) for r in rows])
+        hashes = source_hashes([r[Narrow.DIGEST] for r in rows], self.salt)
+        return {
+            str(r[Narrow.KEY]): _Holder(_rank(r, r[Narrow.LEDGER_PAYLOAD] is not None), _names(i), h)
+            for r, i, h in zip(rows, found, hashes, strict=True)
+        }
+
+    def _redecide(self, conn: Connection, owners: Iterable[str], skip: set[str], now: datetime) -> None:
+        """Rows quarantined as duplicates of ``owners`` (which gave identities up): pending again."""
+        retry = [
+            k for k in state.duplicates_of(conn, self.tables, self.location.name, owners) if k not in skip
+        ]
+        state.mark_pending(conn, self.tables, self._pending_rows(retry, IDENTITY_FREED), now=now)
+
+    def _sends(
+        self,
+        batch: MappedBatch | None,
+        passing: Sequence[int],
+        ledger: Mapping[str, Any],
+        todo_hashes: Sequence[str],
+        s: Summary,
+    ) -> tuple[list[tuple[str, dict[str, Any]]], dict[str, tuple[str, str]], dict[str, str]]:
+        """Rows to send (with their payload and source hashes) and rows the ledger already holds."""
+        sends: list[tuple[str, dict[str, Any]]] = []
+        meta: dict[str, tuple[str, str]] = {}
+        refresh: dict[str, str] = {}
+        for j in passing if batch is not None else ():
+            k, p = batch.keys[j], batch.payloads[j]
+            h = payload_hash(p)
+            entry = ledger.get(k)
+            if entry is not None and entry[1] == h and not self.options.full_refresh:
+                s.unchanged += 1
+                refresh[k] = todo_hashes[j]
+            else:
+                sends.append((k, p))
+                meta[k] = (h, todo_hashes[j])
+        return sends, meta, refresh
+
     def _send(
         self,
         sends: list[tuple[str, dict[str, Any]]],
         meta: dict[str, tuple[str, str]],
         s: Summary,
-        from_pending: bool,
     ) -> None:
         loc, o = self.location.name, self.options
         seen: set[str] = set()
@@ -452,19 +614,45 @@ class _BatchRunner:
         rejected: list[dict[str, Any]] = []
         deferred: list[dict[str, Any]] = []
         payloads = dict(sends)
+        self._outcome_of: dict[str, str] = {}
 
         def flush() -> None:
             if not (synced or rejected or deferred):
                 return
             now = state.utcnow()
             with self.engine.begin() as conn:
-                state.upsert_ledger(conn, self.tables, [{**r, "last_synced_at": now} for r in synced])
-                done = [r["source_key"] for r in synced]
+                lost = self._lost_while_sending(conn, synced, payloads, meta, s, now)
+                kept = [r for r in synced if r["source_key"] not in lost]
+                state.upsert_ledger(conn, self.tables, [{**r, "last_synced_at": now} for r in kept])
+                done = [r["source_key"] for r in kept]
+                # a row that lost its identity to this one may have been written after it: send
+                # this one again once the batches are done (no other task can race it then)
+                stale = (
+                    []
+                    if self.settling
+                    else [
+                        k
+                        for k, (reason, run_id) in state.pending_reasons(conn, self.tables, loc, done).items()
+                        if reason == OVERWRITTEN and run_id == o.run_id
+                    ]
+                )
+                state.invalidate_ledger(conn, self.tables, loc, stale)
+                state.mark_pending(conn, self.tables, self._pending_rows(stale, RESEND), now=now)
                 state.resolve_quarantine(conn, self.tables, loc, done, now=now)
                 state.quarantine_rows(conn, self.tables, rejected, now=now)
-                state.forget_source_hashes(conn, self.tables, loc, [r["source_key"] for r in rejected])
+                refused = [r["source_key"] for r in rejected]
+                state.forget_source_hashes(conn, self.tables, loc, refused)
+                # a row the API refused owns nothing: rows it beat to an identity are decided again
+                state.release_owned(conn, self.tables, loc, refused)
+                self._redecide(conn, refused, set(), now)
                 state.mark_pending(conn, self.tables, deferred, now=now)
-                state.clear_pending(conn, self.tables, loc, done + [r["source_key"] for r in rejected])
+                resent = set(stale)
+                state.clear_pending(
+                    conn,
+                    self.tables,
+                    loc,
+                    [k for k in done if k not in resent] + refused + list(lost),
+                )
             synced.clear()
             rejected.clear()
             deferred.clear()
@@ -488,6 +676,7 @@ class _BatchRunner:
                             "last_run_id": o.run_id,
                         }
                     )
+                    self._outcome_of[key] = out.status
                 elif out.status == "rejected":
                     s.rejected += 1
                     s.reasons[f"api {out.http_status}"] += 1
@@ -515,12 +704,74 @@ class _BatchRunner:
                 state.mark_pending(
                     conn,
                     self.tables,
-                    [
-                        {"location": loc, "source_key": k, "reason": "no outcome", "last_run_id": o.run_id}
-                        for k in missing
-                    ],
+                    self._pending_rows(missing, "no outcome"),
                     now=state.utcnow(),
                 )
+
+    def _lost_while_sending(
+        self,
+        conn: Connection,
+        synced: Sequence[Mapping[str, Any]],
+        payloads: Mapping[str, dict[str, Any]],
+        meta: Mapping[str, tuple[str, str]],
+        s: Summary,
+        now: datetime,
+    ) -> dict[str, str]:
+        """Sent rows whose identity a newer row (another mapped task) claimed meanwhile → that owner.
+
+        Whose write reached the CRM last is unknown, so such a row is quarantined as the owner's
+        duplicate and the owner is made to send again (:data:`OVERWRITTEN`): pending, and its
+        ledger entry no longer matching. Counted as quarantined instead of created/updated.
+        """
+        loc = self.location.name
+        names = {r["source_key"]: self._owned.get(r["source_key"], []) for r in synced}
+        owners = state.lock_identities(conn, self.tables, loc, (n for ns in names.values() for n in ns))
+        lost = {k: owner for k, ns in names.items() for n in ns if (owner := owners.get(n)) not in (None, k)}
+        if not lost:
+            return {}
+        log.warning("%d sent rows lost their email or phone to a newer row meanwhile", len(lost))
+        for key in lost:
+            status = self._outcome_of.pop(key)
+            setattr(s, status, getattr(s, status) - 1)
+            s.quarantined += 1
+            s.reasons["duplicate"] += 1
+        state.quarantine_rows(
+            conn,
+            self.tables,
+            [
+                self._q(
+                    k,
+                    "quality",
+                    None,
+                    [f"duplicate identity of {w}"],
+                    payloads[k],
+                    meta[k][1],
+                    duplicate_of=w,
+                )
+                for k, w in lost.items()
+            ],
+            now=now,
+        )
+        winners = sorted(set(lost.values()))
+        state.invalidate_ledger(conn, self.tables, loc, winners)
+        state.mark_pending(
+            conn,
+            self.tables,
+            self._pending_rows(winners, OVERWRITTEN),
+            now=now,
+        )
+        return lost
+
+    def _pending_rows(self, keys: Iterable[str], reason: str) -> list[dict[str, Any]]:
+        return [
+            {
+                "location": self.location.name,
+                "source_key": k,
+                "reason": reason,
+                "last_run_id": self.options.run_id,
+            }
+            for k in keys
+        ]
 
     def _q(
         self,
@@ -528,7 +779,7 @@ class _BatchRunner:
         stage: str,
         status: int | None,
         errors: list[str],
-        payload: dict[str, Any],
+        payload: dict[str, Any] | None,
         source_hash: str | None = None,
         duplicate_of: str | None = None,
     ) -> dict[str, Any]:
@@ -551,6 +802,19 @@ class _BatchRunner:
                 f"chunk accounted for {s.accounted} of {s.extracted} rows: {s.as_dict()}"
             )
         self.summary.add(s)
+
+
+class _Holder(NamedTuple):
+    """A source row competing for identities: its :func:`_rank`, identities and source hash."""
+
+    rank: tuple[str, bool, str]
+    ids: set[str]
+    source_hash: str
+
+
+def _names(identities: Iterable[tuple[str, str]]) -> set[str]:
+    """``("email", "a@b.c")`` → ``"email:a@b.c"``: the key of the identities table."""
+    return {f"{kind}:{value}" for kind, value in identities}
 
 
 def _rank(row: Sequence[Any], in_ledger: bool) -> tuple[str, bool, str]:
@@ -683,10 +947,16 @@ def finalize_run(
     options: SyncOptions | None = None,
     *,
     engine: Engine | None = None,
+    upserter: Upserter | Callable[[LocationConfig], Upserter] | None = None,
     error: str | None = None,
     build_docs: bool = True,
 ) -> dict[str, Any]:
-    """Add up the batches, check the invariant, write the run row, render Data Docs.
+    """Settle the run's leftovers, add up the batches, check the invariant, write the run row,
+    render Data Docs.
+
+    Leftovers are rows the batches left pending for identity reasons (:data:`LEFTOVERS`): a
+    contact two mapped tasks raced for, or a row whose winner gave its identity up. They were
+    counted by their batch; what settling them did is reported under ``leftovers``.
 
     Returns the run summary with ``reject_rate`` and ``threshold_breached`` for alerting.
     Writing twice for the same run keeps one row. Raises :class:`SyncInvariantError` after
@@ -698,12 +968,15 @@ def finalize_run(
     tables = state.state_tables(config.state)
     state.ensure_state(eng, tables)
     win = _window(window, o.full_refresh)
+    leftovers = None if o.dry_run or error else _settle_leftovers(config, loc, eng, o, upserter)
     total, n = Summary(), 0
     for b in batches:
         total.add(b)
         n += 1
     # rows still in quarantine and unchanged since were alerted on when they first failed
-    failed_rows = total.quarantined + total.rejected - total.reasons.get(STILL_QUARANTINED, 0)
+    failed_rows = (
+        total.quarantined + total.rejected + total.displaced - total.reasons.get(STILL_QUARANTINED, 0)
+    )
     rate = failed_rows / total.extracted if total.extracted else 0.0
     status = "failed" if error or not total.invariant_ok else "success"
     docs = None
@@ -714,6 +987,8 @@ def finalize_run(
         except Exception as exc:  # Data Docs are a report: never fail a sync over them
             log.warning("Data Docs not rendered: %s", exc)
     details = {**total.as_dict(), "reject_rate": rate, "data_docs": docs, "error": error}
+    if leftovers is not None and leftovers.extracted:
+        details["leftovers"] = {k: getattr(leftovers, k) for k in ("extracted", *OUTCOMES, "displaced")}
     row = {
         "run_id": o.run_id,
         "location": loc.name,
@@ -754,6 +1029,28 @@ def finalize_run(
     return out
 
 
+def _settle_leftovers(
+    config: SyncConfig,
+    loc: LocationConfig,
+    engine: Engine,
+    o: SyncOptions,
+    upserter: Upserter | Callable[[LocationConfig], Upserter] | None,
+) -> Summary:
+    tables = state.state_tables(config.state)
+    with engine.connect() as conn:
+        keys = state.pending_keys(conn, tables, loc.name, run_id=o.run_id, reasons=LEFTOVERS)
+    runner = _BatchRunner(config, loc, engine, o, upserter)
+    runner.settling = True
+    for i in range(0, len(keys), config.batch_size):
+        with engine.connect() as conn:
+            rows = list(conn.execute(runner.source.by_keys(keys[i : i + config.batch_size])))
+        if rows:
+            runner.process(rows, from_pending=True)
+    if keys:
+        log.info("settled %d leftovers of run %s: %s", len(keys), o.run_id, _counts_line(runner.summary))
+    return runner.summary
+
+
 def sync(
     config: SyncConfig,
     location: str,
@@ -773,7 +1070,7 @@ def sync(
         sync_batch(config, location, plan["window"], b, o, engine=eng, upserter=upserter)
         for b in plan["batches"]
     ]
-    return finalize_run(config, location, plan["window"], summaries, o, engine=eng)
+    return finalize_run(config, location, plan["window"], summaries, o, engine=eng, upserter=upserter)
 
 
 def replay_quarantine(
@@ -821,7 +1118,7 @@ def replay_quarantine(
     if gone and not o.dry_run:
         with eng.begin() as conn:
             state.resolve_quarantine(conn, tables, loc.name, gone, now=state.utcnow(), status="ignored")
-    out = finalize_run(config, loc.name, None, [runner.summary.as_dict()], o, engine=eng)
+    out = finalize_run(config, loc.name, None, [runner.summary.as_dict()], o, engine=eng, upserter=upserter)
     return {**out, "selected": len(keys), "gone_from_source": len(gone)}
 
 

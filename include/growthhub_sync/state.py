@@ -55,6 +55,7 @@ class StateTables:
     quarantine: Table
     pending: Table
     runs: Table
+    identities: Table
 
 
 def state_tables(cfg: StateConfig) -> StateTables:
@@ -135,7 +136,19 @@ def state_tables(cfg: StateConfig) -> StateTables:
         Column("started_at", ts),
         Column("finished_at", ts),
     )
-    return StateTables(md, ledger, quarantine, pending, runs)
+    # one owner per email / phone and location, across chunks, mapped tasks and runs: the API
+    # merges rows sharing an identity into one contact, so only the owner may be sent
+    identities = Table(
+        f"{p}growthhub_identities",
+        md,
+        Column("location", String(64), primary_key=True),
+        Column("identity", String(512), primary_key=True),
+        Column("source_key", String(255)),  # NULL: free (a placeholder row, locked and then claimed)
+        Column("claimed_at", ts),
+        Column("last_run_id", String(250)),
+    )
+    Index(f"{p}ix_growthhub_identities_owner", identities.c.location, identities.c.source_key)
+    return StateTables(md, ledger, quarantine, pending, runs, identities)
 
 
 RUN_COUNTS = ("extracted", "unchanged", "created", "updated", "quarantined", "rejected", "deferred")
@@ -392,3 +405,151 @@ def run_progress(conn: Connection, t: StateTables, run_id: str) -> dict[str, Any
         "deferred": count(t.pending, t.pending.c.last_run_id == run_id),
         "errors": dict(errors),
     }
+
+
+def lock_identities(
+    conn: Connection, t: StateTables, location: str, identities: Iterable[str], *, write: bool = True
+) -> dict[str, str | None]:
+    """Owner (source key or ``None``) of each identity, its row locked until the transaction ends.
+
+    Missing rows are created first (free) so that there is a row to lock, in sorted order so two
+    tasks never wait on each other crosswise. On SQLite the insert takes the database's write
+    lock, which serialises claims just as well. ``write=False`` (a dry run) only reads.
+    """
+    names = sorted(set(identities))
+    if not names:
+        return {}
+    ids = t.identities
+    if write:
+        stmt = _insert(conn, ids).on_conflict_do_nothing(index_elements=[ids.c.location, ids.c.identity])
+        for part in _chunks(names):
+            conn.execute(stmt, [{"location": location, "identity": n} for n in part])
+    owners: dict[str, str | None] = dict.fromkeys(names)
+    for part in _chunks(names):
+        query = (
+            select(ids.c.identity, ids.c.source_key)
+            .where(ids.c.location == location, ids.c.identity.in_(list(part)))
+            .order_by(ids.c.identity)
+        )
+        owners.update((n, k) for n, k in conn.execute(query.with_for_update() if write else query))
+    return owners
+
+
+def claim_identities(
+    conn: Connection, t: StateTables, location: str, owners: Mapping[str, str], *, run_id: str, now: datetime
+) -> None:
+    """Make ``owners`` (identity → source key) the owners of identities locked by :func:`lock_identities`.
+
+    An upsert rather than an UPDATE per identity: inserts are sent in batches.
+    """
+    if not owners:
+        return
+    ids = t.identities
+    ins = _insert(conn, ids)
+    stmt = ins.on_conflict_do_update(
+        index_elements=[ids.c.location, ids.c.identity],
+        set_={"source_key": ins.excluded.source_key, "claimed_at": now, "last_run_id": run_id},
+    )
+    rows = [{"location": location, "identity": n, "source_key": k} for n, k in sorted(owners.items())]
+    for part in _chunks(rows):
+        conn.execute(stmt, list(part))
+
+
+def identities_owned(
+    conn: Connection, t: StateTables, location: str, keys: Iterable[str]
+) -> dict[str, set[str]]:
+    """Identities owned by each of ``keys``."""
+    ids = t.identities
+    out: dict[str, set[str]] = {}
+    for part in _chunks(sorted(set(keys))):
+        rows = conn.execute(
+            select(ids.c.source_key, ids.c.identity).where(
+                ids.c.location == location, ids.c.source_key.in_(list(part))
+            )
+        )
+        for key, name in rows:
+            out.setdefault(key, set()).add(name)
+    return out
+
+
+def release_identities(conn: Connection, t: StateTables, location: str, identities: Iterable[str]) -> None:
+    ids = t.identities
+    for part in _chunks(sorted(set(identities))):
+        conn.execute(
+            update(ids)
+            .where(ids.c.location == location, ids.c.identity.in_(list(part)))
+            .values(source_key=None, claimed_at=None)
+        )
+
+
+def release_owned(conn: Connection, t: StateTables, location: str, keys: Iterable[str]) -> None:
+    """Free every identity the rows of ``keys`` own."""
+    ids = t.identities
+    for part in _chunks(sorted(set(keys))):
+        conn.execute(
+            update(ids)
+            .where(ids.c.location == location, ids.c.source_key.in_(list(part)))
+            .values(source_key=None, claimed_at=None)
+        )
+
+
+def duplicates_of(conn: Connection, t: StateTables, location: str, owners: Iterable[str]) -> list[str]:
+    """Keys of open quarantine rows that lost an identity to one of ``owners``."""
+    q = t.quarantine
+    out: list[str] = []
+    for part in _chunks(sorted(set(owners))):
+        out.extend(
+            conn.execute(
+                select(q.c.source_key).where(
+                    q.c.location == location, q.c.status == "open", q.c.duplicate_of.in_(list(part))
+                )
+            ).scalars()
+        )
+    return out
+
+
+def drop_from_ledger(conn: Connection, t: StateTables, location: str, keys: Sequence[str]) -> None:
+    """Forget that rows were synced: their contact now belongs to another row."""
+    led = t.ledger
+    for part in _chunks(keys):
+        conn.execute(led.delete().where(led.c.location == location, led.c.source_key.in_(list(part))))
+
+
+def invalidate_ledger(conn: Connection, t: StateTables, location: str, keys: Sequence[str]) -> None:
+    """Make rows' next run send them again (the CRM may hold another row's values)."""
+    led = t.ledger
+    for part in _chunks(keys):
+        conn.execute(
+            update(led)
+            .where(led.c.location == location, led.c.source_key.in_(list(part)))
+            .values(payload_hash="", source_hash=None)
+        )
+
+
+def pending_keys(
+    conn: Connection, t: StateTables, location: str, *, run_id: str, reasons: Sequence[str]
+) -> list[str]:
+    """Keys a run left pending for one of ``reasons``."""
+    p = t.pending
+    stmt = (
+        select(p.c.source_key)
+        .where(p.c.location == location, p.c.last_run_id == run_id, p.c.reason.in_(list(reasons)))
+        .order_by(p.c.source_key)
+    )
+    return list(conn.execute(stmt).scalars())
+
+
+def pending_reasons(
+    conn: Connection, t: StateTables, location: str, keys: Iterable[str]
+) -> dict[str, tuple[str, str | None]]:
+    """``(reason, last_run_id)`` of the pending rows among ``keys``."""
+    p = t.pending
+    out: dict[str, tuple[str, str | None]] = {}
+    for part in _chunks(sorted(set(keys))):
+        rows = conn.execute(
+            select(p.c.source_key, p.c.reason, p.c.last_run_id).where(
+                p.c.location == location, p.c.source_key.in_(list(part))
+            )
+        )
+        out.update((k, (reason, run_id)) for k, reason, run_id in rows)
+    return out

@@ -7,6 +7,7 @@ The fake stands in for the hook's ``upsert_contacts`` contract; the sandbox + ho
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from growthhub_sync.demo import contacts_table, modify_contacts, seed_demo, touc
 from growthhub_sync.extract import Window
 from growthhub_sync.pipeline import (
     OUTCOMES,
+    OVERWRITTEN,
     SyncInvariantError,
     SyncOptions,
     finalize_run,
@@ -55,6 +57,24 @@ def _set(wh: Warehouse, key: str, **values: Any) -> None:
     modify_contacts(wh.engine, [key], T0 + timedelta(hours=30), schema=wh.schema, **values)
 
 
+def seed_row_email(wh: Warehouse, key: str) -> str:
+    tbl = contacts_table(wh.schema)
+    with wh.engine.connect() as conn:
+        return conn.execute(select(tbl.c.email).where(tbl.c.id == key)).scalar_one().lower()
+
+
+def _ledger_row(key: str) -> dict[str, Any]:
+    return {
+        "location": "default",
+        "source_key": key,
+        "contact_id": "c-other",
+        "payload_hash": "h",
+        "source_hash": "s",
+        "last_synced_at": state.utcnow(),
+        "last_run_id": "r1",
+    }
+
+
 def _key_with(wh: Warehouse, cfg: SyncConfig, reason: str) -> str:
     rows = [q for q in _rows(wh, cfg, "quarantine", status="open") if any(reason in e for e in q["errors"])]
     return sorted(q["source_key"] for q in rows)[0]
@@ -86,7 +106,7 @@ class TestOutcomes:
     ) -> None:
         out = _run(cfg, seeded, crm, "r1")
         rows = _rows(seeded, cfg, "quarantine")
-        assert len(rows) == out["quarantined"]
+        assert len(rows) == out["quarantined"] + out["displaced"]
         assert {r["stage"] for r in rows} == {"quality"}
         assert set(out["reasons"]) >= {"email", "phone", "dateOfBirth", "identity", "duplicate"}
         assert all(r["errors"] and r["status"] == "open" and r["attempts"] == 1 for r in rows)
@@ -115,11 +135,6 @@ class TestOutcomes:
         errors = {q["source_key"]: q["errors"] for q in _rows(warehouse, cfg, "quarantine")}
         assert errors == {k: ["duplicate identity of C00000001"] for k in ("C00000000", "C00000002")}
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="known limitation: duplicate identities are detected within a chunk only; across "
-        "chunks the API merges the rows into one contact (docs/reliability.md)",
-    )
     def test_duplicates_in_different_chunks_latest_wins(
         self, warehouse: Warehouse, make_config: Callable[..., SyncConfig], crm: FakeCRM
     ) -> None:
@@ -128,8 +143,147 @@ class TestOutcomes:
             _set(warehouse, key, email="same@example.com", updated_at=T0 + timedelta(hours=hour))
         cfg = make_config(batch_size=1)
         out = sync(cfg, "default", None, SyncOptions(run_id="r1"), engine=warehouse.engine, upserter=crm)
-        assert out["quarantined"] == 1
-        assert "C00000000" not in [k for k, _ in crm.sent]
+        # the older row went first (key order), then the newer one took its identity and contact
+        assert (out["created"], out["updated"], out["displaced"]) == (2, 1, 1)
+        assert {r["source_key"] for r in _rows(warehouse, cfg, "ledger")} == {"C00000001", "C00000002"}
+        (q,) = _rows(warehouse, cfg, "quarantine")
+        assert (q["source_key"], q["errors"], q["duplicate_of"]) == (
+            "C00000000",
+            ["duplicate identity of C00000002"],
+            "C00000002",
+        )
+        (contact,) = [c for c in crm.contacts.values() if c["email"] == "same@example.com"]
+        assert contact.items() >= dict(crm.sent)["C00000002"].items()  # upserts leave other fields
+        again = sync(cfg, "default", None, SyncOptions(run_id="r2"), engine=warehouse.engine, upserter=crm)
+        assert (again["unchanged"], again["quarantined"], again["displaced"]) == (2, 1, 0)
+        assert again["reasons"] == {"unchanged in quarantine": 1}
+        assert len(crm.sent) == 3
+
+    def test_an_older_row_in_a_later_chunk_is_quarantined_and_never_sent(
+        self, warehouse: Warehouse, make_config: Callable[..., SyncConfig], crm: FakeCRM
+    ) -> None:
+        seed_demo(warehouse.engine, 3, schema=warehouse.schema, start=T0, bad_share=0)
+        for key, hour in (("C00000000", 3), ("C00000002", 1)):
+            _set(warehouse, key, email="same@example.com", updated_at=T0 + timedelta(hours=hour))
+        cfg = make_config(batch_size=1)
+        out = sync(cfg, "default", None, SyncOptions(run_id="r1"), engine=warehouse.engine, upserter=crm)
+        assert (out["created"], out["quarantined"], out["displaced"]) == (2, 1, 0)
+        assert "C00000002" not in dict(crm.sent)
+        assert _rows(warehouse, cfg, "quarantine")[0]["errors"] == ["duplicate identity of C00000000"]
+
+    def test_a_newer_row_in_a_later_run_takes_the_identity_and_the_loser_can_win_it_back(
+        self, warehouse: Warehouse, make_config: Callable[..., SyncConfig], crm: FakeCRM
+    ) -> None:
+        seed_demo(warehouse.engine, 3, schema=warehouse.schema, start=T0, bad_share=0)
+        cfg = make_config()
+        sync(cfg, "default", None, SyncOptions(run_id="r1"), engine=warehouse.engine, upserter=crm)
+        email = dict(crm.sent)["C00000000"]["email"]
+        _set(warehouse, "C00000002", email=email.upper(), updated_at=T0 + timedelta(hours=40))
+        out = sync(cfg, "default", None, SyncOptions(run_id="r2"), engine=warehouse.engine, upserter=crm)
+        assert (out["updated"], out["displaced"]) == (1, 1)
+        assert "C00000000" not in {r["source_key"] for r in _rows(warehouse, cfg, "ledger")}
+        # the winner moves to another email: its old identity is free, and the loser (outside the
+        # run's window) is decided again when the run finalises
+        _set(warehouse, "C00000002", email="elsewhere@example.com", updated_at=T0 + timedelta(hours=41))
+        later = {
+            "start": (T0 + timedelta(hours=41)).isoformat(),
+            "end": (T0 + timedelta(hours=42)).isoformat(),
+        }
+        out = sync(cfg, "default", later, SyncOptions(run_id="r3"), engine=warehouse.engine, upserter=crm)
+        assert (out["extracted"], out["updated"]) == (1, 1)
+        assert out["leftovers"]["extracted"] == 1
+        assert out["leftovers"]["created"] + out["leftovers"]["updated"] == 1
+        assert {r["source_key"] for r in _rows(warehouse, cfg, "ledger")} == {
+            f"C0000000{i}" for i in range(3)
+        }
+        assert _rows(warehouse, cfg, "quarantine", status="open") == []
+        assert _rows(warehouse, cfg, "pending") == []
+
+    def test_a_row_the_api_rejects_gives_its_identity_back(
+        self, warehouse: Warehouse, make_config: Callable[..., SyncConfig], crm: FakeCRM
+    ) -> None:
+        seed_demo(warehouse.engine, 3, schema=warehouse.schema, start=T0, bad_share=0)
+        for key, hour in (("C00000000", 1), ("C00000002", 3)):
+            _set(warehouse, key, email="same@example.com", updated_at=T0 + timedelta(hours=hour))
+        crm.reject["C00000002"] = ["assignedTo: unknown user"]
+        cfg = make_config(batch_size=1)
+        out = sync(cfg, "default", None, SyncOptions(run_id="r1"), engine=warehouse.engine, upserter=crm)
+        assert (out["rejected"], out["displaced"]) == (1, 1)
+        assert out["leftovers"]["updated"] == 1  # decided again at the end of the run: it owns its contact
+        assert _rows(warehouse, cfg, "pending") == []
+        assert {r["source_key"] for r in _rows(warehouse, cfg, "ledger")} == {"C00000000", "C00000001"}
+        (q,) = _rows(warehouse, cfg, "quarantine", status="open")
+        assert (q["source_key"], q["stage"]) == ("C00000002", "api")
+
+    def test_a_row_sent_while_another_task_took_its_identity_is_quarantined_and_the_owner_resent(
+        self, warehouse: Warehouse, make_config: Callable[..., SyncConfig], crm: FakeCRM
+    ) -> None:
+        """Two mapped tasks, one identity: the loser's write may reach the CRM last."""
+        seed_demo(warehouse.engine, 2, schema=warehouse.schema, start=T0, bad_share=0)
+        cfg = make_config()
+        tables = state.state_tables(cfg.state)
+        identity = f"email:{seed_row_email(warehouse, 'C00000000')}"
+
+        class RacingCRM(FakeCRM):
+            def upsert_contacts(self, rows: Any, *, daily_reserve: int = 0) -> Any:
+                with warehouse.engine.begin() as conn:  # the other task claims while this one sends
+                    state.lock_identities(conn, tables, "default", [identity])
+                    state.claim_identities(
+                        conn, tables, "default", {identity: "C99"}, run_id="r1", now=state.utcnow()
+                    )
+                    state.upsert_ledger(conn, tables, [_ledger_row("C99")])
+                return super().upsert_contacts(rows, daily_reserve=daily_reserve)
+
+        out = sync(
+            cfg, "default", None, SyncOptions(run_id="r1"), engine=warehouse.engine, upserter=RacingCRM()
+        )
+        assert out["invariant_ok"]
+        assert (out["created"], out["quarantined"]) == (1, 1)
+        (q,) = _rows(warehouse, cfg, "quarantine")
+        assert (q["source_key"], q["duplicate_of"]) == ("C00000000", "C99")
+        # C99 is not in the source: the run cannot settle it, so the next run will send it
+        (p,) = _rows(warehouse, cfg, "pending")
+        assert (p["source_key"], p["reason"]) == ("C99", OVERWRITTEN)
+        assert _rows(warehouse, cfg, "ledger", source_key="C99")[0]["payload_hash"] == ""
+
+    def test_the_owner_of_a_raced_identity_is_sent_again_when_the_run_finalises(
+        self, warehouse: Warehouse, make_config: Callable[..., SyncConfig], crm: FakeCRM
+    ) -> None:
+        """The loser's flush came first: the owner's own flush cannot tell whose write was last."""
+        seed_demo(warehouse.engine, 2, schema=warehouse.schema, start=T0, bad_share=0)
+        cfg = make_config()
+        tables = state.state_tables(cfg.state)
+
+        @dataclass
+        class LoserFlushesFirst(FakeCRM):
+            raced: bool = False
+
+            def upsert_contacts(self, rows: Any, *, daily_reserve: int = 0) -> Any:
+                if not self.raced:  # the first batch only: the other task flushed its loser meanwhile
+                    self.raced = True
+                    with warehouse.engine.begin() as conn:
+                        state.mark_pending(
+                            conn,
+                            tables,
+                            [
+                                {
+                                    "location": "default",
+                                    "source_key": "C00000001",
+                                    "reason": OVERWRITTEN,
+                                    "last_run_id": "r1",
+                                }
+                            ],
+                            now=state.utcnow(),
+                        )
+                return super().upsert_contacts(rows, daily_reserve=daily_reserve)
+
+        crm = LoserFlushesFirst()
+        out = sync(cfg, "default", None, SyncOptions(run_id="r1"), engine=warehouse.engine, upserter=crm)
+        assert out["created"] == 2
+        assert out["leftovers"]["extracted"] == 1
+        assert [k for k, _ in crm.sent] == ["C00000000", "C00000001", "C00000001"]
+        assert _rows(warehouse, cfg, "pending") == []
+        assert _rows(warehouse, cfg, "ledger", source_key="C00000001")[0]["payload_hash"] != ""
 
     def test_warning_check_drops_the_field_and_sends_the_row(
         self, seeded: Warehouse, make_config: Callable[..., SyncConfig], crm: FakeCRM
@@ -157,16 +311,33 @@ class TestIdempotency:
         self, seeded: Warehouse, cfg: SyncConfig, crm: FakeCRM
     ) -> None:
         first = _run(cfg, seeded, crm, "r1")
+        synced = first["created"] + first["updated"] - first["displaced"]
         sent = len(crm.sent)
         second = _run(cfg, seeded, crm, "r2")
         assert len(crm.sent) == sent
-        assert second["unchanged"] == first["created"] + first["updated"]
-        assert second["quarantined"] == first["quarantined"]
-        assert second["created"] == second["updated"] == 0
+        assert second["unchanged"] == synced
+        assert second["quarantined"] == first["quarantined"] + first["displaced"]
+        assert second["created"] == second["updated"] == second["displaced"] == 0
+        assert second["reasons"] == {"unchanged in quarantine": second["quarantined"]}
         _run(cfg, seeded, crm, "r2")  # a retried run
-        assert len(_rows(seeded, cfg, "ledger")) == first["created"] + first["updated"]
-        assert len(_rows(seeded, cfg, "quarantine")) == first["quarantined"]
+        assert len(_rows(seeded, cfg, "ledger")) == synced
+        assert len(_rows(seeded, cfg, "quarantine")) == first["quarantined"] + first["displaced"]
         assert len(_rows(seeded, cfg, "runs")) == 2
+
+    def test_a_pending_row_inside_the_window_is_extracted_once(
+        self, seeded: Warehouse, cfg: SyncConfig, crm: FakeCRM
+    ) -> None:
+        _run(cfg, seeded, crm, "r1")
+        with seeded.engine.begin() as conn:
+            state.mark_pending(
+                conn,
+                state.state_tables(cfg.state),
+                [{"location": "default", "source_key": "C00000003", "reason": "test", "last_run_id": "r1"}],
+                now=state.utcnow(),
+            )
+        again = _run(cfg, seeded, crm, "r2")
+        assert again["extracted"] == 1000
+        assert _rows(seeded, cfg, "pending") == []
 
     def test_touched_but_unchanged_rows_are_not_sent(
         self, seeded: Warehouse, cfg: SyncConfig, crm: FakeCRM
@@ -195,7 +366,7 @@ class TestIdempotency:
         first = _run(cfg, seeded, crm, "r1")
         out = _run(cfg, seeded, crm, "r2", NEXT_DAY, full_refresh=True)
         assert out["extracted"] == 1000
-        assert out["updated"] == first["created"] + first["updated"]
+        assert out["updated"] == first["created"] + first["updated"] - first["displaced"]
 
 
 class TestQuarantine:
@@ -258,13 +429,13 @@ class TestQuarantine:
         out = replay_quarantine(
             cfg, "default", SyncOptions(run_id="replay1"), engine=seeded.engine, upserter=crm
         )
-        assert out["selected"] == first["quarantined"]
+        assert out["selected"] == first["quarantined"] + first["displaced"]
         assert out["gone_from_source"] == 1
         assert out["created"] + out["updated"] == 1
         assert _rows(seeded, cfg, "quarantine", source_key=fixed)[0]["status"] == "resolved"
         assert _rows(seeded, cfg, "quarantine", source_key=gone)[0]["status"] == "ignored"
         still = _rows(seeded, cfg, "quarantine", status="open")
-        assert len(still) == first["quarantined"] - 2
+        assert len(still) == out["selected"] - 2
         assert all(r["attempts"] == 2 for r in still)
 
     def test_replay_filters_by_stage_and_error_text(
@@ -320,7 +491,7 @@ class TestBatches:
             for b in plan["batches"]
         ]
         assert [r["extracted"] for r in results] == [300, 300, 300, 100]
-        out = finalize_run(cfg, "default", plan["window"], results, opts, engine=seeded.engine)
+        out = finalize_run(cfg, "default", plan["window"], results, opts, engine=seeded.engine, upserter=crm)
         assert out["extracted"] == 1000
         assert out["batches"] == 4
         assert out["status"] == "success"

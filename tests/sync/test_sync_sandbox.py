@@ -63,12 +63,14 @@ def test_sync_creates_one_contact_per_identity_and_reruns_send_nothing(
     assert first["rejected"] == first["deferred"] == 0
     contacts = crm.contacts("loc1")
     ledger = _ledger(seeded, cfg)
-    assert len(contacts) == first["created"] == len({r["contact_id"] for r in ledger})
+    # one ledger row per contact: a row displaced by a newer one sharing its identity left the ledger
+    assert len(contacts) == first["created"] == len(ledger) == len({r["contact_id"] for r in ledger})
+    assert first["displaced"] > 0, "the demo data has same-identity rows in different chunks"
     assert {c["id"] for c in contacts} == {r["contact_id"] for r in ledger}
     upserts = crm.stats()["requests"]["POST /contacts/upsert"]
     second = _run(cfg, seeded, "r2")
-    assert second["created"] == second["updated"] == 0
-    assert second["unchanged"] == first["created"] + first["updated"]
+    assert second["created"] == second["updated"] == second["displaced"] == 0
+    assert second["unchanged"] == first["created"] + first["updated"] - first["displaced"]
     assert crm.stats()["requests"]["POST /contacts/upsert"] == upserts
     assert len(crm.contacts("loc1")) == len(contacts)
 
@@ -88,7 +90,8 @@ def test_api_rejection_lands_in_quarantine_with_the_api_messages(
     q = state.state_tables(cfg.state).quarantine
     with seeded.engine.connect() as conn:
         rows = [dict(r._mapping) for r in conn.execute(select(q).where(q.c.stage == "api"))]
-    assert len(rows) == out["rejected"]
+    # rows a rejected row had displaced are decided again when the run finalises, and fail alike
+    assert len(rows) == out["rejected"] + out["leftovers"]["rejected"]
     assert {r["http_status"] for r in rows} == {422}
     assert all("unknown: not_a_field" in " ".join(r["errors"]) for r in rows)
 
