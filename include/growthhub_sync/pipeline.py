@@ -554,6 +554,9 @@ class _BatchRunner:
         state.release_identities(conn, self.tables, loc, {n for k, ns in owned.items() for n in ns - kept[k]})
         state.release_owned(conn, self.tables, loc, displaced)
         state.claim_identities(conn, self.tables, loc, claims, run_id=o.run_id, now=now)
+        state.release_identities(
+            conn, self.tables, loc, (n for n, owner in owners.items() if owner is None and n not in claims)
+        )
         gave_up = {k for k, ns in owned.items() if ns - kept[k]} | set(displaced)
         self._redecide(conn, gave_up, queued | set(displaced), now)
         return keep

@@ -143,7 +143,7 @@ def state_tables(cfg: StateConfig) -> StateTables:
         md,
         Column("location", String(64), primary_key=True),
         Column("identity", String(512), primary_key=True),
-        Column("source_key", String(255)),  # NULL: free (a placeholder row, locked and then claimed)
+        Column("source_key", String(255)),  # NULL only inside a claiming transaction (a placeholder)
         Column("claimed_at", ts),
         Column("last_run_id", String(250)),
     )
@@ -473,24 +473,17 @@ def identities_owned(
 
 
 def release_identities(conn: Connection, t: StateTables, location: str, identities: Iterable[str]) -> None:
+    """Free identities: their rows go (they hold emails and phones), so do unclaimed placeholders."""
     ids = t.identities
     for part in _chunks(sorted(set(identities))):
-        conn.execute(
-            update(ids)
-            .where(ids.c.location == location, ids.c.identity.in_(list(part)))
-            .values(source_key=None, claimed_at=None)
-        )
+        conn.execute(ids.delete().where(ids.c.location == location, ids.c.identity.in_(list(part))))
 
 
 def release_owned(conn: Connection, t: StateTables, location: str, keys: Iterable[str]) -> None:
     """Free every identity the rows of ``keys`` own."""
     ids = t.identities
     for part in _chunks(sorted(set(keys))):
-        conn.execute(
-            update(ids)
-            .where(ids.c.location == location, ids.c.source_key.in_(list(part)))
-            .values(source_key=None, claimed_at=None)
-        )
+        conn.execute(ids.delete().where(ids.c.location == location, ids.c.source_key.in_(list(part))))
 
 
 def duplicates_of(conn: Connection, t: StateTables, location: str, owners: Iterable[str]) -> list[str]:

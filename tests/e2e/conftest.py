@@ -291,7 +291,27 @@ def _connections(sandbox_url: str, warehouse_url: str) -> dict[str, str]:
     return {
         "AIRFLOW_CONN_GROWTHHUB_DEFAULT": json.dumps(growthhub),
         "AIRFLOW_CONN_WAREHOUSE_DEFAULT": json.dumps({k: v for k, v in warehouse.items() if v is not None}),
+        # test_faults_dag.py: a short client timeout (the sandbox hangs just longer) and more workers
+        "AIRFLOW_CONN_GROWTHHUB_FAULTS": json.dumps(_growthhub_faults_conn(growthhub)),
     }
+
+
+FAULTS_CONN_ID = "growthhub_faults"
+FAULTS_CLIENT_TIMEOUT_S = 1.5
+"""The ``timeout`` extra of ``growthhub_faults``; test_faults_dag.py hangs the sandbox just longer."""
+
+
+def _growthhub_faults_conn(growthhub: dict[str, Any]) -> dict[str, Any]:
+    """``growthhub_faults``: ``growthhub_default`` tuned for test_faults_dag.py (see its docstring)."""
+    extra = {
+        **growthhub["extra"],
+        "timeout": FAULTS_CLIENT_TIMEOUT_S,
+        "max_workers": int(os.environ.get("FAULTS_DAG_WORKERS", "128")),
+        # a cap well above the run's rate: a 429 storm answers X-RateLimit-Remaining 0 and the
+        # limiter books up to `burst` requests as used, one list entry each
+        "rate_limit_burst": 10_000,
+    }
+    return {**growthhub, "extra": extra}
 
 
 @pytest.fixture(scope="session")
