@@ -271,7 +271,7 @@ class _BatchRunner:
             found = [_names(ids) for ids in self.mapper.identities(contacts)]
             with self.engine.connect() as conn:
                 winners = self._holders(conn, {str(rows[i][Narrow.HELD_DUPLICATE_OF]) for i in dups})
-                owners = state.lock_identities(conn, self.tables, loc, set().union(*found), write=False)
+                owners = state.owners_of(conn, self.tables, loc, set().union(*found), lock=False)
             for i, ids in zip(dups, found, strict=True):
                 key = str(rows[i][Narrow.HELD_DUPLICATE_OF])
                 w = winners.get(key)
@@ -486,9 +486,14 @@ class _BatchRunner:
         decides without recording anything.
         """
         loc, o = self.location.name, self.options
-        owners = state.lock_identities(
-            conn, self.tables, loc, (n for j in passing for n in ids_of[j]), write=write
-        )
+        now = state.utcnow()
+        wanted = {n: batch.keys[j] for j in passing for n in ids_of[j]}
+        if write:
+            owners, fresh = state.claim_free_identities(
+                conn, self.tables, loc, wanted, run_id=o.run_id, now=now
+            )
+        else:
+            owners, fresh = state.owners_of(conn, self.tables, loc, wanted, lock=False), set()
         here = {batch.keys[j]: j for j in passing}
         current = self._holders(conn, {k for k in owners.values() if k and k not in here})
         current.update(
@@ -498,6 +503,7 @@ class _BatchRunner:
         queued = {q["source_key"] for q in quarantine}
         claims: dict[str, str] = {}
         displaced: dict[str, str] = {}
+        unclaim: set[str] = set()
         keep: list[int] = []
         for j in passing:
             key = batch.keys[j]
@@ -521,6 +527,7 @@ class _BatchRunner:
                 )
                 queued.add(key)
                 s.reasons["duplicate"] += 1
+                unclaim.update(n for n in ids_of[j] if n in fresh)
                 continue
             keep.append(j)
             self._owned[key] = ids_of[j]
@@ -528,7 +535,7 @@ class _BatchRunner:
             displaced.update(dict.fromkeys(rivals, key))
         if not write:
             return keep
-        now = state.utcnow()
+        state.release_identities(conn, self.tables, loc, unclaim)  # claimed above by rows that lost
         if displaced:
             # not an outcome of this chunk's rows (a displaced row was counted when it synced)
             moved = [
@@ -547,6 +554,11 @@ class _BatchRunner:
             log.info("%d synced rows displaced by newer rows sharing their email or phone", len(moved))
             s.displaced += len(moved)
             state.quarantine_rows(conn, self.tables, moved, now=now)
+            # an owner this run has not recorded may still be in flight (another task, or a
+            # killed one, whose write may land after this row's): send this row again at the end
+            recorded = state.synced_in_run(conn, self.tables, loc, displaced, o.run_id)
+            racers = sorted({new for old, new in displaced.items() if old not in recorded})
+            state.mark_pending(conn, self.tables, self._pending_rows(racers, OVERWRITTEN), now=now)
             state.drop_from_ledger(conn, self.tables, loc, sorted(displaced))
         # identities a row no longer has, and everything a displaced row owned, become free
         kept = {batch.keys[j]: set(ids_of[j]) for j in keep}
@@ -554,9 +566,6 @@ class _BatchRunner:
         state.release_identities(conn, self.tables, loc, {n for k, ns in owned.items() for n in ns - kept[k]})
         state.release_owned(conn, self.tables, loc, displaced)
         state.claim_identities(conn, self.tables, loc, claims, run_id=o.run_id, now=now)
-        state.release_identities(
-            conn, self.tables, loc, (n for n, owner in owners.items() if owner is None and n not in claims)
-        )
         gave_up = {k for k, ns in owned.items() if ns - kept[k]} | set(displaced)
         self._redecide(conn, gave_up, queued | set(displaced), now)
         return keep
@@ -728,7 +737,7 @@ class _BatchRunner:
         """
         loc = self.location.name
         names = {r["source_key"]: self._owned.get(r["source_key"], []) for r in synced}
-        owners = state.lock_identities(conn, self.tables, loc, (n for ns in names.values() for n in ns))
+        owners = state.owners_of(conn, self.tables, loc, (n for ns in names.values() for n in ns))
         lost = {k: owner for k, ns in names.items() for n in ns if (owner := owners.get(n)) not in (None, k)}
         if not lost:
             return {}

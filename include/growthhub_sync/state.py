@@ -407,23 +407,14 @@ def run_progress(conn: Connection, t: StateTables, run_id: str) -> dict[str, Any
     }
 
 
-def lock_identities(
-    conn: Connection, t: StateTables, location: str, identities: Iterable[str], *, write: bool = True
+def owners_of(
+    conn: Connection, t: StateTables, location: str, identities: Iterable[str], *, lock: bool = True
 ) -> dict[str, str | None]:
-    """Owner (source key or ``None``) of each identity, its row locked until the transaction ends.
-
-    Missing rows are created first (free) so that there is a row to lock, in sorted order so two
-    tasks never wait on each other crosswise. On SQLite the insert takes the database's write
-    lock, which serialises claims just as well. ``write=False`` (a dry run) only reads.
-    """
+    """Owner (source key) of each of ``identities``, ``None`` when free; with ``lock``, the rows
+    stay locked until the transaction ends (PostgreSQL, in sorted order so two tasks never wait
+    on each other crosswise; SQLite serialises writers anyway)."""
     names = sorted(set(identities))
-    if not names:
-        return {}
     ids = t.identities
-    if write:
-        stmt = _insert(conn, ids).on_conflict_do_nothing(index_elements=[ids.c.location, ids.c.identity])
-        for part in _chunks(names):
-            conn.execute(stmt, [{"location": location, "identity": n} for n in part])
     owners: dict[str, str | None] = dict.fromkeys(names)
     for part in _chunks(names):
         query = (
@@ -431,14 +422,54 @@ def lock_identities(
             .where(ids.c.location == location, ids.c.identity.in_(list(part)))
             .order_by(ids.c.identity)
         )
-        owners.update((n, k) for n, k in conn.execute(query.with_for_update() if write else query))
+        owners.update((n, k) for n, k in conn.execute(query.with_for_update() if lock else query))
     return owners
+
+
+def claim_free_identities(
+    conn: Connection, t: StateTables, location: str, wanted: Mapping[str, str], *, run_id: str, now: datetime
+) -> tuple[dict[str, str | None], set[str]]:
+    """Owners of the ``wanted`` identities (identity → the key that wants it), locked until the
+    transaction ends; free ones are claimed for the key that wants them on the way.
+
+    Returns the owners and the identities claimed here (the caller frees those of a row that
+    loses on another identity). One batched insert for the free ones, the common case of a
+    first sync; a row claimed by another task between the lookup and the insert is looked up
+    again, after waiting for that task's transaction.
+    """
+    owners = owners_of(conn, t, location, wanted)
+    free = [n for n, k in owners.items() if k is None]
+    if not free:
+        return owners, set()
+    ids = t.identities
+    stmt = (
+        _insert(conn, ids)
+        .on_conflict_do_nothing(index_elements=[ids.c.location, ids.c.identity])
+        .returning(ids.c.identity)
+    )
+    claimed: set[str] = set()
+    for part in _chunks(free):
+        rows = [
+            {
+                "location": location,
+                "identity": n,
+                "source_key": wanted[n],
+                "claimed_at": now,
+                "last_run_id": run_id,
+            }
+            for n in part
+        ]
+        claimed.update(conn.execute(stmt, rows).scalars())
+    owners.update((n, wanted[n]) for n in claimed)
+    if raced := [n for n in free if n not in claimed]:
+        owners.update(owners_of(conn, t, location, raced))
+    return owners, claimed
 
 
 def claim_identities(
     conn: Connection, t: StateTables, location: str, owners: Mapping[str, str], *, run_id: str, now: datetime
 ) -> None:
-    """Make ``owners`` (identity → source key) the owners of identities locked by :func:`lock_identities`.
+    """Make ``owners`` (identity → source key) the owners of identities locked by :func:`owners_of`.
 
     An upsert rather than an UPDATE per identity: inserts are sent in batches.
     """
@@ -498,6 +529,20 @@ def duplicates_of(conn: Connection, t: StateTables, location: str, owners: Itera
                 )
             ).scalars()
         )
+    return out
+
+
+def synced_in_run(
+    conn: Connection, t: StateTables, location: str, keys: Iterable[str], run_id: str
+) -> set[str]:
+    """Those of ``keys`` the ledger recorded in run ``run_id``."""
+    led = t.ledger
+    out: set[str] = set()
+    for part in _chunks(sorted(set(keys))):
+        stmt = select(led.c.source_key).where(
+            led.c.location == location, led.c.source_key.in_(list(part)), led.c.last_run_id == run_id
+        )
+        out.update(conn.execute(stmt).scalars())
     return out
 
 

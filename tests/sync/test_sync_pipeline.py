@@ -227,7 +227,7 @@ class TestOutcomes:
         class RacingCRM(FakeCRM):
             def upsert_contacts(self, rows: Any, *, daily_reserve: int = 0) -> Any:
                 with warehouse.engine.begin() as conn:  # the other task claims while this one sends
-                    state.lock_identities(conn, tables, "default", [identity])
+                    state.owners_of(conn, tables, "default", [identity])
                     state.claim_identities(
                         conn, tables, "default", {identity: "C99"}, run_id="r1", now=state.utcnow()
                     )
@@ -245,6 +245,35 @@ class TestOutcomes:
         (p,) = _rows(warehouse, cfg, "pending")
         assert (p["source_key"], p["reason"]) == ("C99", OVERWRITTEN)
         assert _rows(warehouse, cfg, "ledger", source_key="C99")[0]["payload_hash"] == ""
+
+    def test_a_row_displacing_an_owner_the_run_never_recorded_is_sent_again_at_the_end(
+        self, warehouse: Warehouse, make_config: Callable[..., SyncConfig], crm: FakeCRM
+    ) -> None:
+        """The owner's task sent it and was killed before recording it: its write may land last."""
+        seed_demo(warehouse.engine, 3, schema=warehouse.schema, start=T0, bad_share=0)
+        for key, hour in (("C00000000", 1), ("C00000002", 3)):
+            _set(warehouse, key, email="same@example.com", updated_at=T0 + timedelta(hours=hour))
+        cfg = make_config()
+        opts = SyncOptions(run_id="r1")
+        plan = plan_sync(cfg, "default", None, engine=warehouse.engine, options=opts, check_connection=False)
+        with warehouse.engine.begin() as conn:  # what the killed try left: a claim, no ledger row
+            state.claim_free_identities(
+                conn,
+                state.state_tables(cfg.state),
+                "default",
+                {"email:same@example.com": "C00000000"},
+                run_id="r1",
+                now=state.utcnow(),
+            )
+        only_c2 = {"lo": "C00000001", "hi": None}
+        out = sync_batch(cfg, "default", plan["window"], only_c2, opts, engine=warehouse.engine, upserter=crm)
+        assert (out["created"], out["displaced"]) == (1, 1)
+        final = finalize_run(
+            cfg, "default", plan["window"], [out], opts, engine=warehouse.engine, upserter=crm
+        )
+        assert final["leftovers"]["extracted"] == 1
+        assert [k for k, _ in crm.sent] == ["C00000002", "C00000002"]
+        assert _rows(warehouse, cfg, "pending") == []
 
     def test_the_owner_of_a_raced_identity_is_sent_again_when_the_run_finalises(
         self, warehouse: Warehouse, make_config: Callable[..., SyncConfig], crm: FakeCRM
