@@ -444,17 +444,7 @@ class _BatchRunner:
             key = rank[2]
             winner = next((owner[x] for x in mine if x in owner and owner[x] != key), None)
             if winner is not None and j >= 0:
-                quarantine.append(
-                    self._q(
-                        key,
-                        "quality",
-                        None,
-                        [f"duplicate identity of {winner}"],
-                        batch.payloads[j],
-                        self._hash_of[key],
-                        duplicate_of=winner,
-                    )
-                )
+                quarantine.append(self._duplicate(key, winner, batch.payloads[j], self._hash_of[key]))
                 s.reasons["duplicate"] += 1
                 continue
             if winner is None:
@@ -514,17 +504,7 @@ class _BatchRunner:
             }
             winner = max(rivals, key=lambda r: current[r].rank, default=None)
             if winner is not None and current[winner].rank > current[key].rank:
-                quarantine.append(
-                    self._q(
-                        key,
-                        "quality",
-                        None,
-                        [f"duplicate identity of {winner}"],
-                        batch.payloads[j],
-                        self._hash_of[key],
-                        duplicate_of=winner,
-                    )
-                )
+                quarantine.append(self._duplicate(key, winner, batch.payloads[j], self._hash_of[key]))
                 queued.add(key)
                 s.reasons["duplicate"] += 1
                 unclaim.update(n for n in ids_of[j] if n in fresh)
@@ -539,15 +519,7 @@ class _BatchRunner:
         if displaced:
             # not an outcome of this chunk's rows (a displaced row was counted when it synced)
             moved = [
-                self._q(
-                    old,
-                    "quality",
-                    None,
-                    [f"duplicate identity of {new}"],
-                    None,
-                    current[old].source_hash,
-                    duplicate_of=new,
-                )
+                self._duplicate(old, new, None, current[old].source_hash)
                 for old, new in displaced.items()
                 if old not in queued
             ]
@@ -750,18 +722,7 @@ class _BatchRunner:
         state.quarantine_rows(
             conn,
             self.tables,
-            [
-                self._q(
-                    k,
-                    "quality",
-                    None,
-                    [f"duplicate identity of {w}"],
-                    payloads[k],
-                    meta[k][1],
-                    duplicate_of=w,
-                )
-                for k, w in lost.items()
-            ],
+            [self._duplicate(k, w, payloads[k], meta[k][1]) for k, w in lost.items()],
             now=now,
         )
         winners = sorted(set(lost.values()))
@@ -784,6 +745,20 @@ class _BatchRunner:
             }
             for k in keys
         ]
+
+    def _duplicate(
+        self, key: str, winner: str, payload: dict[str, Any] | None, source_hash: str | None
+    ) -> dict[str, Any]:
+        """A quarantine row for a row that lost its email or phone to ``winner``."""
+        return self._q(
+            key,
+            "quality",
+            None,
+            [f"duplicate identity of {winner}"],
+            payload,
+            source_hash,
+            duplicate_of=winner,
+        )
 
     def _q(
         self,
