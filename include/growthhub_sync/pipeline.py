@@ -535,9 +535,12 @@ class _BatchRunner:
         # identities a row no longer has, and everything a displaced row owned, become free
         kept = {batch.keys[j]: set(ids_of[j]) for j in keep}
         owned = state.identities_owned(conn, self.tables, loc, kept)
-        state.release_identities(conn, self.tables, loc, {n for k, ns in owned.items() for n in ns - kept[k]})
-        state.release_owned(conn, self.tables, loc, displaced)
+        # ownership moves in place (an UPDATE): a task waiting on the row lock then reads the
+        # new owner, where a delete and re-insert would show it a free identity
         state.claim_identities(conn, self.tables, loc, claims, run_id=o.run_id, now=now)
+        stale = {n for k, ns in owned.items() for n in ns - kept[k]} - set(claims)
+        state.release_identities(conn, self.tables, loc, stale)
+        state.release_owned(conn, self.tables, loc, displaced)
         gave_up = {k for k, ns in owned.items() if ns - kept[k]} | set(displaced)
         self._redecide(conn, gave_up, queued | set(displaced), now)
         return keep
@@ -605,8 +608,8 @@ class _BatchRunner:
                 return
             now = state.utcnow()
             with self.engine.begin() as conn:
-                lost = self._lost_while_sending(conn, synced, payloads, meta, s, now)
-                kept = [r for r in synced if r["source_key"] not in lost]
+                lost, freed = self._lost_while_sending(conn, synced, payloads, meta, s, now)
+                kept = [r for r in synced if r["source_key"] not in lost and r["source_key"] not in freed]
                 state.upsert_ledger(conn, self.tables, [{**r, "last_synced_at": now} for r in kept])
                 done = [r["source_key"] for r in kept]
                 # a row that lost its identity to this one may have been written after it: send
@@ -700,25 +703,30 @@ class _BatchRunner:
         meta: Mapping[str, tuple[str, str]],
         s: Summary,
         now: datetime,
-    ) -> dict[str, str]:
-        """Sent rows whose identity a newer row (another mapped task) claimed meanwhile → that owner.
+    ) -> tuple[dict[str, str], list[str]]:
+        """Sent rows that no longer own what they claimed: another mapped task took it meanwhile.
 
-        Whose write reached the CRM last is unknown, so such a row is quarantined as the owner's
-        duplicate and the owner is made to send again (:data:`OVERWRITTEN`): pending, and its
-        ledger entry no longer matching. Counted as quarantined instead of created/updated.
+        Returns the rows a newer row beat (→ that owner) and the rows whose identity was freed
+        (their owner gave it up): neither is recorded as synced. Whose write reached the CRM
+        last is unknown, so a beaten row is quarantined as the owner's duplicate and the owner is
+        made to send again (:data:`OVERWRITTEN`: pending, its ledger entry no longer matching);
+        a row whose identity was freed is decided again when the run finalises
+        (:data:`IDENTITY_FREED`). Counted as quarantined or deferred instead of created/updated.
         """
         loc = self.location.name
         names = {r["source_key"]: self._owned.get(r["source_key"], []) for r in synced}
         owners = state.owners_of(conn, self.tables, loc, (n for ns in names.values() for n in ns))
         lost = {k: owner for k, ns in names.items() for n in ns if (owner := owners.get(n)) not in (None, k)}
-        if not lost:
-            return {}
-        log.warning("%d sent rows lost their email or phone to a newer row meanwhile", len(lost))
-        for key in lost:
+        freed = [k for k, ns in names.items() if k not in lost and any(owners.get(n) is None for n in ns)]
+        if not (lost or freed):
+            return {}, []
+        log.warning("%d sent rows lost their email or phone to another row meanwhile", len(lost) + len(freed))
+        for key in [*lost, *freed]:
             status = self._outcome_of.pop(key)
             setattr(s, status, getattr(s, status) - 1)
-            s.quarantined += 1
-            s.reasons["duplicate"] += 1
+        s.quarantined += len(lost)
+        s.reasons["duplicate"] += len(lost)
+        s.deferred += len(freed)
         state.quarantine_rows(
             conn,
             self.tables,
@@ -730,10 +738,10 @@ class _BatchRunner:
         state.mark_pending(
             conn,
             self.tables,
-            self._pending_rows(winners, OVERWRITTEN),
+            self._pending_rows(winners, OVERWRITTEN) + self._pending_rows(freed, IDENTITY_FREED),
             now=now,
         )
-        return lost
+        return lost, freed
 
     def _pending_rows(self, keys: Iterable[str], reason: str) -> list[dict[str, Any]]:
         return [

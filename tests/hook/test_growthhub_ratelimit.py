@@ -80,6 +80,14 @@ class TestRateLimiter:
         blocked.join(0.1)
         assert blocked.is_alive(), "the 11th request of the window must wait"
 
+    def test_books_at_most_one_window_however_large_the_servers_limit(self) -> None:
+        limiter = RateLimiter(burst=10_000, interval_s=60, burst_cap=10_000)
+        for _ in range(5):
+            limiter.acquire()
+        for _ in range(5):  # a storm of 429s from a server allowing 10**9 per window
+            limiter.release(_headers(max=10**9, remaining=0, interval_ms=60_000))
+        assert len(limiter._done) == 10_000
+
     def test_holds_everyone_back_for_an_interval_after_a_429(self) -> None:
         limiter = RateLimiter(burst=100, interval_s=10)
         limiter.acquire()

@@ -246,6 +246,32 @@ class TestOutcomes:
         assert (p["source_key"], p["reason"]) == ("C99", OVERWRITTEN)
         assert _rows(warehouse, cfg, "ledger", source_key="C99")[0]["payload_hash"] == ""
 
+    def test_a_row_whose_identity_was_freed_while_sending_is_decided_again_at_the_end(
+        self, warehouse: Warehouse, make_config: Callable[..., SyncConfig], crm: FakeCRM
+    ) -> None:
+        seed_demo(warehouse.engine, 1, schema=warehouse.schema, start=T0, bad_share=0)
+        cfg = make_config()
+        tables = state.state_tables(cfg.state)
+
+        @dataclass
+        class Freeing(FakeCRM):
+            freed: bool = False
+
+            def upsert_contacts(self, rows: Any, *, daily_reserve: int = 0) -> Any:
+                if not self.freed:  # another task displaced this row, then gave the identity up
+                    self.freed = True
+                    with warehouse.engine.begin() as conn:
+                        state.release_owned(conn, tables, "default", ["C00000000"])
+                return super().upsert_contacts(rows, daily_reserve=daily_reserve)
+
+        crm = Freeing()
+        out = sync(cfg, "default", None, SyncOptions(run_id="r1"), engine=warehouse.engine, upserter=crm)
+        assert (out["created"], out["deferred"]) == (0, 1)
+        assert (out["leftovers"]["extracted"], out["leftovers"]["updated"]) == (1, 1)
+        assert [k for k, _ in crm.sent] == ["C00000000", "C00000000"]
+        assert [r["source_key"] for r in _rows(warehouse, cfg, "ledger")] == ["C00000000"]
+        assert _rows(warehouse, cfg, "pending") == []
+
     def test_a_row_displacing_an_owner_the_run_never_recorded_is_sent_again_at_the_end(
         self, warehouse: Warehouse, make_config: Callable[..., SyncConfig], crm: FakeCRM
     ) -> None:

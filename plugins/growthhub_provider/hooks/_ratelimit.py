@@ -109,8 +109,10 @@ class RateLimiter:
             self.interval_s = interval_ms / 1000
         if remaining is not None and burst is not None:
             self._expire(now)
-            unseen = (burst - remaining) - (len(self._done) + self._in_flight)
-            self._done.extend([now] * min(max(unseen, 0), self.burst))
+            # never more than one window's worth: a 429 from a server allowing millions per
+            # window would otherwise book millions of entries, again on every 429
+            unseen = min(burst - remaining, self.burst) - (len(self._done) + self._in_flight)
+            self._done.extend([now] * max(unseen, 0))
         if daily is not None:
             # Requests still in flight may not be in this figure yet; and answers overtake each
             # other, so within a UTC day the estimate only goes down.
