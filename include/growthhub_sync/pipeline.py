@@ -42,6 +42,7 @@ RESEND = "sent while a row that lost its identity to it was being sent: resend"
 IDENTITY_FREED = "the row it lost its identity to gave it up: decide again"
 LEFTOVERS = (OVERWRITTEN, RESEND, IDENTITY_FREED)
 """Pending reasons :func:`finalize_run` settles once every batch of the run is done."""
+_SETTLE_ROUNDS = 10
 OUTCOMES = ("unchanged", "created", "updated", "quarantined", "rejected", "deferred")
 
 
@@ -266,21 +267,14 @@ class _BatchRunner:
         )
         if dups:
             # an unchanged duplicate stays quarantined while the row it lost to still owns one of
-            # its identities and outranks it; otherwise it takes the full path and is decided again
+            # its identities (an owner's rank only grows); otherwise it is decided again
             contacts = [(rows[i][Narrow.EMAIL], rows[i][Narrow.PHONE]) for i in dups]
             found = [_names(ids) for ids in self.mapper.identities(contacts)]
             with self.engine.connect() as conn:
-                winners = self._holders(conn, {str(rows[i][Narrow.HELD_DUPLICATE_OF]) for i in dups})
                 owners = state.owners_of(conn, self.tables, loc, set().union(*found), lock=False)
             for i, ids in zip(dups, found, strict=True):
-                key = str(rows[i][Narrow.HELD_DUPLICATE_OF])
-                w = winners.get(key)
-                in_ledger = not o.full_refresh and rows[i][Narrow.LEDGER_PAYLOAD] is not None
-                owns = any(owners.get(n) == key for n in ids & w.ids) if w is not None else False
-                if owns and w.rank > _rank(rows[i], in_ledger):
-                    still_bad.append(i)
-                else:
-                    todo.append(i)
+                winner = str(rows[i][Narrow.HELD_DUPLICATE_OF])
+                (still_bad if any(owners[n] == winner for n in ids) else todo).append(i)
             todo.sort()
         # the ledger and the source hashes by key serve only the rows that take the full path
         ledger = (
@@ -339,14 +333,14 @@ class _BatchRunner:
                 passing.append(j)
             found = self.mapper.identities([self.mapper.contact(batch.rows[j]) for j in passing])
             ids_of = {j: sorted(_names(ids)) for j, ids in zip(passing, found, strict=True)}
-            passing = self._dedupe(
-                batch, passing, found, quarantine, s, ledger, [rows[i] for i in settled] + list(context)
-            )
+        rivals = [rows[i] for i in settled] + list(context)
 
         if o.dry_run:
             if batch is not None:
                 with self.engine.connect() as conn:
-                    passing = self._claim(conn, batch, passing, ids_of, ledger, quarantine, s, write=False)
+                    passing, _ = self._claim(
+                        conn, batch, passing, ids_of, rivals, ledger, quarantine, s, write=False
+                    )
             sends, _, _ = self._sends(batch, passing, ledger, [src_hashes[i] for i in todo], s)
             s.quarantined += len(quarantine)
             for k, p in sends:
@@ -360,7 +354,9 @@ class _BatchRunner:
         now = state.utcnow()
         with self.engine.begin() as conn:
             if batch is not None:
-                passing = self._claim(conn, batch, passing, ids_of, ledger, quarantine, s, write=True)
+                passing, again = self._claim(
+                    conn, batch, passing, ids_of, rivals, ledger, quarantine, s, write=True
+                )
             sends, send_meta, refresh = self._sends(batch, passing, ledger, [src_hashes[i] for i in todo], s)
             s.quarantined += len(quarantine)
             gone = "changed or gone during the run"
@@ -378,6 +374,8 @@ class _BatchRunner:
             state.resolve_quarantine(conn, self.tables, loc, list(refresh), now=now)
             if from_pending:
                 state.clear_pending(conn, self.tables, loc, closed)
+            if batch is not None:
+                state.mark_pending(conn, self.tables, self._pending_rows(again, IDENTITY_FREED), now=now)
         if sends:
             self._send(sends, send_meta, s)
         self._finish(s)
@@ -392,8 +390,8 @@ class _BatchRunner:
         return out
 
     def _identities_of_rivals(
-        self, ids: Sequence[Sequence[tuple[str, str]]], rivals: Sequence[tuple[Sequence[Any], bool]]
-    ) -> list[tuple[tuple[str, bool, str], list[tuple[str, str]]]]:
+        self, ids: Sequence[Sequence[str]], rivals: Sequence[tuple[Sequence[Any], bool]]
+    ) -> list[tuple[tuple[str, bool, str], set[str]]]:
         """Rank and identities of the rivals that can share an identity with ``ids``.
 
         Normalising every unchanged row of a chunk would cost more than the whole diff, so only
@@ -402,8 +400,9 @@ class _BatchRunner:
         hot = {x for row_ids in ids for x in row_ids}
         if not hot:
             return []
-        cheap_hot = {("email", v) for k, v in hot if k == "email"} | {
-            ("phone", v[-4:]) for k, v in hot if k == "phone"
+        pairs = [tuple(x.split(":", 1)) for x in hot]
+        cheap_hot = {("email", v) for k, v in pairs if k == "email"} | {
+            ("phone", v[-4:]) for k, v in pairs if k == "phone"
         }
         cheap_ids = self.mapper.cheap_ids
         email, phone = Narrow.EMAIL, Narrow.PHONE
@@ -413,23 +412,25 @@ class _BatchRunner:
             if cheap is None or not cheap.isdisjoint(cheap_hot):
                 picked.append((row, in_ledger))
         found = self.mapper.identities([(r[email], r[phone]) for r, _ in picked])
-        return [(_rank(r, led), i) for (r, led), i in zip(picked, found, strict=True) if set(i) & hot]
+        named = [_names(i) for i in found]
+        return [(_rank(r, led), i) for (r, led), i in zip(picked, named, strict=True) if i & hot]
 
     def _dedupe(
         self,
         batch: MappedBatch,
         passing: list[int],
-        ids: Sequence[list[tuple[str, str]]],
+        ids: Sequence[Sequence[str]],
         quarantine: list[dict[str, Any]],
         s: Summary,
         ledger: Mapping[str, Any],
         settled: Sequence[Sequence[Any]],
     ) -> list[int]:
-        """Same email or phone twice in a chunk: the best-ranked row wins (:func:`_rank`), the rest
-        are quarantined as duplicates. ``ids`` are the identities of the ``passing`` rows.
+        """Same email or phone twice: the best-ranked row wins (:func:`_rank`), the rest of the
+        chunk's rows are quarantined as duplicates. ``ids`` are the identities of ``passing``.
 
-        ``settled`` rows (unchanged, or the winners a replayed duplicate lost to) compete but are
-        never quarantined, so a rerun decides as the first run did.
+        ``settled`` rows (unchanged rows of the chunk, the winners a replayed duplicate lost to,
+        the owners of the chunk's identities) compete but are never quarantined here, so a rerun
+        decides as the first run did.
         """
         contenders = [
             ((str(batch.updated_at[j]), batch.keys[j] in ledger, batch.keys[j]), ids[n], j)
@@ -438,7 +439,7 @@ class _BatchRunner:
         contenders += [
             (rank, i, -1) for rank, i in self._identities_of_rivals(ids, [(r, True) for r in settled])
         ]
-        owner: dict[tuple[str, str], str] = {}
+        owner: dict[str, str] = {}
         keep: list[int] = []
         for rank, mine, j in sorted(contenders, key=lambda c: c[0], reverse=True):
             key = rank[2]
@@ -459,12 +460,13 @@ class _BatchRunner:
         batch: MappedBatch,
         passing: list[int],
         ids_of: Mapping[int, list[str]],
+        rivals: Sequence[Sequence[Any]],
         ledger: Mapping[str, Any],
         quarantine: list[dict[str, Any]],
         s: Summary,
         *,
         write: bool,
-    ) -> list[int]:
+    ) -> tuple[list[int], list[str]]:
         """Same email or phone in another chunk, mapped task or run: one owner per identity.
 
         The API would merge such rows into one contact holding whichever came last. A row is
@@ -473,7 +475,7 @@ class _BatchRunner:
         owner's current row). An outranked owner is *displaced*: dropped from the ledger and
         quarantined as a duplicate of the new owner, whose values its contact gets. A row an
         owner outranks is quarantined as that owner's duplicate. ``write=False`` (a dry run)
-        decides without recording anything.
+        decides without recording anything. Returns the rows kept and the rows to decide again.
         """
         loc, o = self.location.name, self.options
         now = state.utcnow()
@@ -484,8 +486,17 @@ class _BatchRunner:
             )
         else:
             owners, fresh = state.owners_of(conn, self.tables, loc, wanted, lock=False), set()
+        # identities claimed just now belong to whoever wins them below; the owners from before
+        # that are not in this chunk compete in the chunk's ranking, so a chain of duplicates is
+        # settled in one pass (never quarantined there: they can only be displaced)
+        before = {n: k for n, k in owners.items() if k is not None and n not in fresh}
+        chunk = {batch.keys[j] for j in passing}
+        outside = self._source_rows(conn, {k for k in before.values() if k not in chunk})
+        passing = self._dedupe(
+            batch, passing, [ids_of[j] for j in passing], quarantine, s, ledger, [*rivals, *outside]
+        )
         here = {batch.keys[j]: j for j in passing}
-        current = self._holders(conn, {k for k in owners.values() if k and k not in here})
+        current = self._holders(conn, {k for k in before.values() if k not in here})
         current.update(
             (k, _Holder((str(batch.updated_at[j]), k in ledger, k), set(ids_of[j]), self._hash_of[k]))
             for k, j in here.items()
@@ -493,28 +504,35 @@ class _BatchRunner:
         queued = {q["source_key"] for q in quarantine}
         claims: dict[str, str] = {}
         displaced: dict[str, str] = {}
-        unclaim: set[str] = set()
         keep: list[int] = []
-        for j in passing:
+        # best first, so an owner a better row displaces no longer beats the rows below it
+        for j in sorted(passing, key=lambda j: current[batch.keys[j]].rank, reverse=True):
             key = batch.keys[j]
-            rivals = {
+            others = {
                 owner
                 for n in ids_of[j]
-                if (owner := owners[n]) not in (None, key) and owner in current and n in current[owner].ids
+                if (owner := before.get(n)) not in (None, key, *displaced)
+                and owner in current
+                and n in current[owner].ids
             }
-            winner = max(rivals, key=lambda r: current[r].rank, default=None)
+            winner = max(others, key=lambda r: current[r].rank, default=None)
             if winner is not None and current[winner].rank > current[key].rank:
                 quarantine.append(self._duplicate(key, winner, batch.payloads[j], self._hash_of[key]))
                 queued.add(key)
                 s.reasons["duplicate"] += 1
-                unclaim.update(n for n in ids_of[j] if n in fresh)
                 continue
             keep.append(j)
             self._owned[key] = ids_of[j]
             claims.update((n, key) for n in ids_of[j] if owners[n] != key)
-            displaced.update(dict.fromkeys(rivals, key))
+            displaced.update(dict.fromkeys(others, key))
+        keep.sort()
+        unclaim = fresh - {n for j in keep for n in ids_of[j]}
+        # rows this chunk quarantined as duplicates of a row that has just lost or been displaced
+        # too: the identity they share may be theirs after all; decided again when the run finalises
+        beaten = {batch.keys[j] for j in passing} - {batch.keys[j] for j in keep} | set(displaced)
+        again = [q["source_key"] for q in quarantine if q["duplicate_of"] in beaten]
         if not write:
-            return keep
+            return keep, again
         state.release_identities(conn, self.tables, loc, unclaim)  # claimed above by rows that lost
         if displaced:
             # not an outcome of this chunk's rows (a displaced row was counted when it synced)
@@ -543,14 +561,19 @@ class _BatchRunner:
         state.release_owned(conn, self.tables, loc, displaced)
         gave_up = {k for k, ns in owned.items() if ns - kept[k]} | set(displaced)
         self._redecide(conn, gave_up, queued | set(displaced), now)
-        return keep
+        return keep, again
 
-    def _holders(self, conn: Connection, keys: Iterable[str]) -> dict[str, _Holder]:
-        """Rank, identities and source hash of the current source rows of ``keys`` (gone rows left out)."""
+    def _source_rows(self, conn: Connection, keys: Iterable[str]) -> list[Row[Any]]:
+        """The current narrow source rows of ``keys`` (rows gone from the source are left out)."""
         wanted = sorted(keys)
         rows: list[Row[Any]] = []
         for i in range(0, len(wanted), 2000):
             rows.extend(conn.execute(self.source.by_keys(wanted[i : i + 2000])))
+        return rows
+
+    def _holders(self, conn: Connection, keys: Iterable[str]) -> dict[str, _Holder]:
+        """Rank, identities and source hash of the current source rows of ``keys`` (gone rows left out)."""
+        rows = self._source_rows(conn, keys)
         found = self.mapper.identities([(r[Narrow.EMAIL], r[Narrow.PHONE]) for r in rows])
         hashes = source_hashes([r[Narrow.DIGEST] for r in rows], self.salt)
         return {
@@ -1032,17 +1055,22 @@ def _settle_leftovers(
     upserter: Upserter | Callable[[LocationConfig], Upserter] | None,
 ) -> Summary:
     tables = state.state_tables(config.state)
-    with engine.connect() as conn:
-        keys = state.pending_keys(conn, tables, loc.name, run_id=o.run_id, reasons=LEFTOVERS)
     runner = _BatchRunner(config, loc, engine, o, upserter)
     runner.settling = True
-    for i in range(0, len(keys), config.batch_size):
+    settled = 0
+    for _ in range(_SETTLE_ROUNDS):  # deciding a leftover can leave another (a chain of duplicates)
         with engine.connect() as conn:
-            rows = list(conn.execute(runner.source.by_keys(keys[i : i + config.batch_size])))
-        if rows:
-            runner.process(rows, from_pending=True)
-    if keys:
-        log.info("settled %d leftovers of run %s: %s", len(keys), o.run_id, _counts_line(runner.summary))
+            keys = state.pending_keys(conn, tables, loc.name, run_id=o.run_id, reasons=LEFTOVERS)
+        if not keys:
+            break
+        settled += len(keys)
+        for i in range(0, len(keys), config.batch_size):
+            with engine.connect() as conn:
+                rows = list(conn.execute(runner.source.by_keys(keys[i : i + config.batch_size])))
+            if rows:
+                runner.process(rows, from_pending=True)
+    if settled:
+        log.info("settled %d leftovers of run %s: %s", settled, o.run_id, _counts_line(runner.summary))
     return runner.summary
 
 

@@ -180,7 +180,7 @@ def analyze(engine: Engine, tables: StateTables) -> None:
     if engine.dialect.name != "postgresql":
         return
     with engine.begin() as conn:
-        for t in (tables.ledger, tables.quarantine, tables.pending):
+        for t in (tables.ledger, tables.quarantine, tables.pending, tables.identities):
             name = f'"{t.schema}"."{t.name}"' if t.schema else f'"{t.name}"'
             conn.exec_driver_sql(f"ANALYZE {name}")
 
