@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 
 from growthhub_provider.hooks.growthhub import UpsertOutcome
 from growthhub_sync.config import SyncConfig
@@ -89,3 +89,20 @@ class FakeCRM:
             else:
                 self.contacts[cid].update({k: v for k, v in payload.items() if v is not None})
                 yield UpsertOutcome(key, "updated", contact_id=cid)
+
+
+@dataclass
+class InterleavingCRM(FakeCRM):
+    """A :class:`FakeCRM` during whose first send another task writes ``meanwhile`` (a race)."""
+
+    engine: Engine | None = None
+    meanwhile: Callable[[Connection], None] | None = None
+
+    def upsert_contacts(
+        self, rows: Iterable[tuple[str, dict[str, Any]]], *, daily_reserve: int = 0
+    ) -> Iterator[UpsertOutcome]:
+        if self.meanwhile is not None and self.engine is not None:
+            with self.engine.begin() as conn:
+                self.meanwhile(conn)
+            self.meanwhile = None
+        return super().upsert_contacts(rows, daily_reserve=daily_reserve)

@@ -7,15 +7,24 @@ The fake stands in for the hook's ``upsert_contacts`` contract; the sandbox + ho
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, func, select
-from sqlalchemy.engine import Engine
-from sync_support import DAY, PG_URL, SESSION, T0, AuthFailure, FakeCRM, Warehouse, make_sync_config
+from sqlalchemy.engine import Connection, Engine
+from sync_support import (
+    DAY,
+    PG_URL,
+    SESSION,
+    T0,
+    AuthFailure,
+    FakeCRM,
+    InterleavingCRM,
+    Warehouse,
+    make_sync_config,
+)
 
 from growthhub_sync import state
 from growthhub_sync.config import ConfigError, SyncConfig
@@ -224,19 +233,15 @@ class TestOutcomes:
         tables = state.state_tables(cfg.state)
         identity = f"email:{seed_row_email(warehouse, 'C00000000')}"
 
-        class RacingCRM(FakeCRM):
-            def upsert_contacts(self, rows: Any, *, daily_reserve: int = 0) -> Any:
-                with warehouse.engine.begin() as conn:  # the other task claims while this one sends
-                    state.owners_of(conn, tables, "default", [identity])
-                    state.claim_identities(
-                        conn, tables, "default", {identity: "C99"}, run_id="r1", now=state.utcnow()
-                    )
-                    state.upsert_ledger(conn, tables, [_ledger_row("C99")])
-                return super().upsert_contacts(rows, daily_reserve=daily_reserve)
+        def other_task_claims(conn: Connection) -> None:
+            state.owners_of(conn, tables, "default", [identity])
+            state.claim_identities(
+                conn, tables, "default", {identity: "C99"}, run_id="r1", now=state.utcnow()
+            )
+            state.upsert_ledger(conn, tables, [_ledger_row("C99")])
 
-        out = sync(
-            cfg, "default", None, SyncOptions(run_id="r1"), engine=warehouse.engine, upserter=RacingCRM()
-        )
+        crm = InterleavingCRM(engine=warehouse.engine, meanwhile=other_task_claims)
+        out = sync(cfg, "default", None, SyncOptions(run_id="r1"), engine=warehouse.engine, upserter=crm)
         assert out["invariant_ok"]
         assert (out["created"], out["quarantined"]) == (1, 1)
         (q,) = _rows(warehouse, cfg, "quarantine")
@@ -253,18 +258,10 @@ class TestOutcomes:
         cfg = make_config()
         tables = state.state_tables(cfg.state)
 
-        @dataclass
-        class Freeing(FakeCRM):
-            freed: bool = False
-
-            def upsert_contacts(self, rows: Any, *, daily_reserve: int = 0) -> Any:
-                if not self.freed:  # another task displaced this row, then gave the identity up
-                    self.freed = True
-                    with warehouse.engine.begin() as conn:
-                        state.release_owned(conn, tables, "default", ["C00000000"])
-                return super().upsert_contacts(rows, daily_reserve=daily_reserve)
-
-        crm = Freeing()
+        crm = InterleavingCRM(  # another task displaced this row, then gave the identity up
+            engine=warehouse.engine,
+            meanwhile=lambda conn: state.release_owned(conn, tables, "default", ["C00000000"]),
+        )
         out = sync(cfg, "default", None, SyncOptions(run_id="r1"), engine=warehouse.engine, upserter=crm)
         assert (out["created"], out["deferred"]) == (0, 1)
         assert (out["leftovers"]["extracted"], out["leftovers"]["updated"]) == (1, 1)
@@ -309,30 +306,16 @@ class TestOutcomes:
         cfg = make_config()
         tables = state.state_tables(cfg.state)
 
-        @dataclass
-        class LoserFlushesFirst(FakeCRM):
-            raced: bool = False
-
-            def upsert_contacts(self, rows: Any, *, daily_reserve: int = 0) -> Any:
-                if not self.raced:  # the first batch only: the other task flushed its loser meanwhile
-                    self.raced = True
-                    with warehouse.engine.begin() as conn:
-                        state.mark_pending(
-                            conn,
-                            tables,
-                            [
-                                {
-                                    "location": "default",
-                                    "source_key": "C00000001",
-                                    "reason": OVERWRITTEN,
-                                    "last_run_id": "r1",
-                                }
-                            ],
-                            now=state.utcnow(),
-                        )
-                return super().upsert_contacts(rows, daily_reserve=daily_reserve)
-
-        crm = LoserFlushesFirst()
+        overwritten = {
+            "location": "default",
+            "source_key": "C00000001",
+            "reason": OVERWRITTEN,
+            "last_run_id": "r1",
+        }
+        crm = InterleavingCRM(  # the other task flushed its loser while this batch was being sent
+            engine=warehouse.engine,
+            meanwhile=lambda conn: state.mark_pending(conn, tables, [overwritten], now=state.utcnow()),
+        )
         out = sync(cfg, "default", None, SyncOptions(run_id="r1"), engine=warehouse.engine, upserter=crm)
         assert out["created"] == 2
         assert out["leftovers"]["extracted"] == 1
