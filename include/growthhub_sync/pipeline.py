@@ -491,12 +491,13 @@ class _BatchRunner:
         # settled in one pass (never quarantined there: they can only be displaced)
         before = {n: k for n, k in owners.items() if k is not None and n not in fresh}
         chunk = {batch.keys[j] for j in passing}
-        outside = self._source_rows(conn, {k for k in before.values() if k not in chunk})
+        owner_rows = self._source_rows(conn, set(before.values()))
+        outside = [r for r in owner_rows if str(r[Narrow.KEY]) not in chunk]
         passing = self._dedupe(
             batch, passing, [ids_of[j] for j in passing], quarantine, s, ledger, [*rivals, *outside]
         )
         here = {batch.keys[j]: j for j in passing}
-        current = self._holders(conn, {k for k in before.values() if k not in here})
+        current = self._holders([r for r in owner_rows if str(r[Narrow.KEY]) not in here])
         current.update(
             (k, _Holder((str(batch.updated_at[j]), k in ledger, k), set(ids_of[j]), self._hash_of[k]))
             for k, j in here.items()
@@ -571,9 +572,8 @@ class _BatchRunner:
             rows.extend(conn.execute(self.source.by_keys(wanted[i : i + 2000])))
         return rows
 
-    def _holders(self, conn: Connection, keys: Iterable[str]) -> dict[str, _Holder]:
-        """Rank, identities and source hash of the current source rows of ``keys`` (gone rows left out)."""
-        rows = self._source_rows(conn, keys)
+    def _holders(self, rows: Sequence[Row[Any]]) -> dict[str, _Holder]:
+        """Rank, identities and source hash of narrow source rows, by key."""
         found = self.mapper.identities([(r[Narrow.EMAIL], r[Narrow.PHONE]) for r in rows])
         hashes = source_hashes([r[Narrow.DIGEST] for r in rows], self.salt)
         return {
