@@ -1,11 +1,26 @@
-"""Test helpers: the shipped default config pointed at a given warehouse (for tests and benchmarks)."""
+"""Test helpers: a warehouse under test, and the shipped default config pointed at it (for tests
+and benchmarks)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from growthhub_sync.config import SyncConfig, load_config, parse_config
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Engine
+
+
+@dataclass
+class Warehouse:
+    """A warehouse a test syncs from: backend name, URL, engine and the schema of its tables."""
+
+    name: str
+    url: str
+    engine: Engine
+    schema: str | None
 
 
 def config_for(

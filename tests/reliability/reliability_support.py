@@ -23,21 +23,13 @@ from growthhub_sandbox.testing import SandboxAdmin
 from growthhub_sync import state
 from growthhub_sync.config import SyncConfig
 from growthhub_sync.mapping import Mapper
-from growthhub_sync.testing import config_for
+from growthhub_sync.testing import Warehouse, config_for
 
 PG_URL = os.environ.get("GROWTHHUB_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 SESSION = f"ghrel_{uuid.uuid4().hex[:8]}"
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 LOCATION_ID = "rel-loc"
 TOKEN = "pit-SECRET-5b1f0c9e-reliability-7d3a"  # a known token: tests scan for it everywhere
-
-
-@dataclass
-class Warehouse:
-    name: str
-    url: str
-    engine: Engine
-    schema: str | None
 
 
 def new_pg_schema() -> str:

@@ -14,21 +14,13 @@ from sqlalchemy.engine import Connection, Engine
 
 from growthhub_provider.hooks.growthhub import UpsertOutcome
 from growthhub_sync.config import SyncConfig
-from growthhub_sync.testing import config_for
+from growthhub_sync.testing import Warehouse, config_for
 
 PG_URL = os.environ.get("GROWTHHUB_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 SESSION = f"ghs_{uuid.uuid4().hex[:8]}"
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 DAY = {"start": T0.isoformat(), "end": (T0 + timedelta(days=1)).isoformat()}
-
-
-@dataclass
-class Warehouse:
-    name: str
-    url: str
-    engine: Engine
-    schema: str | None
 
 
 def make_sync_config(wh: Warehouse, tmp_path: Path, **overrides: Any) -> SyncConfig:
