@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 PG_URL ?= postgresql+psycopg2://postgres@127.0.0.1:5432/test
 
-.PHONY: venv test test-fast lint postgres demo bench clean
+.PHONY: venv test test-fast lint postgres redis demo bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,11 +20,14 @@ venv: $(STAMP)
 postgres:
 	scripts/ensure-postgres
 
-test: venv postgres
+redis:
+	scripts/ensure-redis
+
+test: venv postgres redis
 	GROWTHHUB_TEST_PG_URL=$(PG_URL) $(VENV)/bin/pytest
 
 # Everything but the tests marked slow: for the edit-test loop, not a substitute for `make test`.
-test-fast: venv postgres
+test-fast: venv postgres redis
 	GROWTHHUB_TEST_PG_URL=$(PG_URL) $(VENV)/bin/pytest -m "not slow"
 
 # The embedded default: SQLite warehouse + SQLite Airflow metadata DB + the sandbox; no services needed.

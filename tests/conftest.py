@@ -6,7 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from growthhub_provider.hooks import growthhub
+from growthhub_provider.client.coordination import forget_local_limiters
 from growthhub_sandbox.testing import SandboxAdmin, SandboxProcess
 
 # High enough that no suite is throttled unless it configures a location's rateLimit itself.
@@ -30,6 +30,8 @@ def sandbox(sandbox_server: SandboxProcess) -> Iterator[SandboxAdmin]:
 
 
 @pytest.fixture(autouse=True)
-def _own_rate_limiters(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Hook limiters are shared per process and location; a test must not inherit another's window."""
-    monkeypatch.setattr(growthhub, "_LIMITERS", {})
+def _own_rate_limiters() -> Iterator[None]:
+    """Local limiters are shared per process and location; a test must not inherit another's window."""
+    forget_local_limiters()
+    yield
+    forget_local_limiters()

@@ -1,4 +1,4 @@
-"""GrowthHub provider: the hook that is the project's only way to talk to the GrowthHub API."""
+"""GrowthHub provider: the Airflow-free client of the GrowthHub API and the hook that is its Airflow face."""
 
 from __future__ import annotations
 
@@ -68,9 +68,18 @@ def get_provider_info() -> dict[str, Any]:
                         "description": "Initial refresh token; rotated tokens go to the refresh token store.",
                         "schema": {"type": ["string", "null"], "format": "password"},
                     },
+                    "coordination": {
+                        "label": "Coordination",
+                        "description": (
+                            "Where the workers of this location share its rate limit and OAuth tokens: "
+                            "'local' (this process, tokens in the file below; one host) or the id of a "
+                            "Redis connection (Celery workers on several hosts)."
+                        ),
+                        "schema": {"type": ["string", "null"], "default": "local"},
+                    },
                     "refresh_token_file": {
-                        "label": "Refresh Token File",
-                        "description": "Where rotated refresh tokens are kept (0600 JSON file).",
+                        "label": "Token File",
+                        "description": "With local coordination: the 0600 JSON file holding OAuth tokens.",
                         "schema": {"type": ["string", "null"]},
                     },
                     "rate_limit_burst": {

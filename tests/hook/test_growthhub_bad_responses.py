@@ -17,14 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from growthhub_provider.hooks.growthhub import (
-    MAX_MESSAGE_CHARS,
-    MAX_RESPONSE_BYTES,
-    GrowthHubAuthError,
-    GrowthHubBadResponse,
-    GrowthHubHook,
-    GrowthHubRejected,
-)
+from growthhub_provider.client import GrowthHubAuthError, GrowthHubBadResponse, GrowthHubRejected
+from growthhub_provider.client.responses import MAX_MESSAGE_CHARS, MAX_RESPONSE_BYTES
+from growthhub_provider.hooks.growthhub import GrowthHubHook
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator

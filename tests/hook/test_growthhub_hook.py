@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import stat
@@ -13,19 +15,24 @@ import pytest
 import requests
 
 from growthhub_provider import get_provider_info
-from growthhub_provider.hooks.growthhub import (
-    DEFAULT_API_VERSION,
-    FileRefreshTokenStore,
+from growthhub_provider.client import (
+    FileTokenStore,
     GrowthHubAuthError,
-    GrowthHubHook,
+    GrowthHubClient,
+    GrowthHubConfigError,
     GrowthHubNotFound,
     GrowthHubRejected,
     GrowthHubTransientError,
+    LocalCoordination,
+    TokenState,
     UpsertOutcome,
     UpsertResult,
     identity_keys,
-    mask_pii,
 )
+from growthhub_provider.client.redis_coordination import RedisCoordination, RedisRateLimiter
+from growthhub_provider.client.settings import DEFAULT_API_VERSION
+from growthhub_provider.hooks.growthhub import GrowthHubHook
+from growthhub_provider.masking import mask_pii
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -66,7 +73,15 @@ class TestGetProviderInfo:
         assert conn_type["connection-type"] == GrowthHubHook.conn_type
         assert conn_type["hook-class-name"] == "growthhub_provider.hooks.growthhub.GrowthHubHook"
         fields = conn_type["conn-fields"]
-        assert {"location_id", "api_version", "client_id", "client_secret", "refresh_token"} <= fields.keys()
+        assert {
+            "location_id",
+            "api_version",
+            "client_id",
+            "client_secret",
+            "refresh_token",
+            "coordination",
+        } <= fields.keys()
+        assert fields["coordination"]["schema"]["default"] == "local"
         assert fields["client_secret"]["schema"]["format"] == "password"
         assert fields["refresh_token"]["schema"]["format"] == "password"
 
@@ -107,19 +122,29 @@ class TestMaskPii:
         assert mask_pii(text) == expected
 
 
-class TestFileRefreshTokenStore:
-    def test_keeps_the_rotated_token_in_an_owner_only_file(self, tmp_path: Path) -> None:
-        store = FileRefreshTokenStore(tmp_path / "t.json")
-        assert store.current("c", seed="seed") == "seed"
-        with store.locked("c"):
-            store.save("c", seed="seed", refresh_token="r1")
-        assert store.current("c", seed="seed") == "r1"
+class TestFileTokenStore:
+    def test_keeps_the_token_state_in_an_owner_only_file(self, tmp_path: Path) -> None:
+        store = FileTokenStore(tmp_path / "t.json", "c")
+        assert store.load("seed") is None
+        state = TokenState(refresh_token="r1", access_token="a1", expires_at=1234.5)
+        with store.refresh_lock():
+            store.save("seed", state)
+        assert store.load("seed") == state
+        assert FileTokenStore(tmp_path / "t.json", "other").load("seed") is None
         assert stat.S_IMODE(os.stat(tmp_path / "t.json").st_mode) == 0o600
 
     def test_ignores_tokens_descended_from_a_replaced_seed(self, tmp_path: Path) -> None:
-        store = FileRefreshTokenStore(tmp_path / "t.json")
-        store.save("c", seed="old-seed", refresh_token="r1")
-        assert store.current("c", seed="new-seed") == "new-seed"
+        store = FileTokenStore(tmp_path / "t.json", "c")
+        store.save("old-seed", TokenState(refresh_token="r1"))
+        assert store.load("new-seed") is None
+
+    def test_reads_the_refresh_token_a_previous_release_stored(self, tmp_path: Path) -> None:
+        """Files written before access tokens were shared hold only the refresh token."""
+        path = tmp_path / "t.json"
+        store = FileTokenStore(path, "c")
+        store.save("seed", TokenState(refresh_token="r0"))
+        path.write_text(path.read_text().replace(', "access_token": null, "expires_at": null', ""))
+        assert store.load("seed") == TokenState(refresh_token="r0")
 
 
 class TestGrowthHubHook:
@@ -308,7 +333,7 @@ class TestGrowthHubHook:
         seen: dict[str, Any] = {"active": {}, "overlaps": [], "order": [], "peak": 0}
 
         def fake_row(
-            self: GrowthHubHook, row: Any, daily_reserve: int, abort: threading.Event
+            self: GrowthHubClient, row: Any, daily_reserve: int, abort: threading.Event
         ) -> UpsertOutcome:
             with lock:
                 seen["overlaps"].extend(
@@ -322,7 +347,7 @@ class TestGrowthHubHook:
                 del seen["active"][row.key]
             return UpsertOutcome(row.key, "updated")
 
-        monkeypatch.setattr(GrowthHubHook, "_upsert_row", fake_row)
+        monkeypatch.setattr(GrowthHubClient, "_upsert_row", fake_row)
         return seen
 
     def test_same_identity_never_in_flight_twice_and_keeps_input_order(
@@ -403,6 +428,47 @@ class TestGrowthHubHook:
         assert GrowthHubHook().limiter is GrowthHubHook().limiter
         assert GrowthHubHook().limiter is not GrowthHubHook("growthhub_other").limiter
 
+    def test_coordination_is_local_unless_the_connection_names_a_redis_connection(
+        self, growthhub_conn: Callable[..., None], monkeypatch: pytest.MonkeyPatch, token_file: Path
+    ) -> None:
+        growthhub_conn()
+        local = GrowthHubHook().coordination
+        assert isinstance(local, LocalCoordination)
+        assert local.token_file == token_file
+
+        monkeypatch.setenv(
+            "AIRFLOW_CONN_SHARED_STATE",
+            json.dumps({"conn_type": "redis", "host": "127.0.0.1", "port": 6379, "extra": {"db": 9}}),
+        )
+        growthhub_conn(coordination="shared_state")
+        hook = GrowthHubHook()
+        assert isinstance(hook.coordination, RedisCoordination)
+        assert hook.coordination.description.startswith("redis 127.0.0.1:6379 db 9")
+        assert isinstance(hook.limiter, RedisRateLimiter)
+
+    @pytest.mark.parametrize(
+        ("conn_type", "match"),
+        [
+            (None, "neither 'local' nor the id of a connection"),
+            ("postgres", "of type 'postgres'; it must be of type 'redis'"),
+        ],
+    )
+    def test_coordination_naming_no_redis_connection_fails_clearly(
+        self,
+        growthhub_conn: Callable[..., None],
+        monkeypatch: pytest.MonkeyPatch,
+        conn_type: str | None,
+        match: str,
+    ) -> None:
+        if conn_type:
+            monkeypatch.setenv("AIRFLOW_CONN_SHARED_STATE", json.dumps({"conn_type": conn_type, "host": "h"}))
+        growthhub_conn(coordination="shared_state")
+        with pytest.raises(GrowthHubConfigError, match=match):
+            GrowthHubHook().upsert_contact({"email": "a@b.co"})
+        ok, message = GrowthHubHook().test_connection()
+        assert not ok
+        assert "coordination='shared_state'" in message
+
     @pytest.mark.parametrize(
         ("response", "ok_expected"),
         [
@@ -449,10 +515,18 @@ class TestGrowthHubHook:
         assert token_request.headers["Content-Type"] == "application/x-www-form-urlencoded"
         assert "Authorization" not in token_request.headers
 
-        # The next task (a new hook) spends the rotated token, not the spent seed.
+        # The next task (a new hook) starts from the stored access token: no refresh at all.
+        store = FileTokenStore(token_file, "growthhub_default")
+        GrowthHubHook().upsert_contact({"email": "a@b.co"})
+        assert len(refresh_bodies) == 1
+        assert requests_mock.last_request.headers["Authorization"] == "Bearer access-1"
+
+        # Once that token has expired, a task spends the rotated refresh token, not the spent seed.
+        stored = store.load("refresh-seed-0")
+        store.save("refresh-seed-0", dataclasses.replace(stored, expires_at=time.time() - 1))
         GrowthHubHook().upsert_contact({"email": "a@b.co"})
         assert "refresh_token=refresh-1" in refresh_bodies[1]
-        assert FileRefreshTokenStore(token_file).current("growthhub_default", "refresh-seed-0") == "refresh-2"
+        assert store.load("refresh-seed-0").refresh_token == "refresh-2"
 
     def test_oauth_refreshes_before_an_expired_token_is_used(
         self, growthhub_conn: Callable[..., None], requests_mock: rm.Mocker

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -10,14 +11,14 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import requests
 
-from growthhub_provider.hooks.growthhub import (
-    FileRefreshTokenStore,
+from growthhub_provider.client import (
+    FileTokenStore,
     GrowthHubAuthError,
     GrowthHubConfigError,
-    GrowthHubHook,
     GrowthHubNotFound,
     GrowthHubRejected,
 )
+from growthhub_provider.hooks.growthhub import GrowthHubHook
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -148,15 +149,22 @@ class TestGrowthHubHookAgainstSandbox:
         growthhub_conn(host=api.base_url, password=None, **oauth)
         first = GrowthHubHook()
         assert {o.status for o in first.upsert_contacts(rows(20))} == {"created"}
-        rotated = FileRefreshTokenStore(token_file).current("growthhub_default", oauth["refresh_token"])
+        rotated = FileTokenStore(token_file, "growthhub_default").load(oauth["refresh_token"]).refresh_token
         assert rotated != oauth["refresh_token"]
 
-        # The seed is spent now: only the stored rotation lets the next task in.
+        # The next task starts from the stored access token: no refresh, no 401.
+        store = FileTokenStore(token_file, "growthhub_default")
+        stored = store.load(oauth["refresh_token"])
         second = GrowthHubHook()
         assert second.upsert_contact({"email": "next@example.com"}).new
-        assert (
-            FileRefreshTokenStore(token_file).current("growthhub_default", oauth["refresh_token"]) != rotated
-        )
+        assert second.client._access_token == stored.access_token
+        assert api.stats()["requests"]["POST /oauth/token"] == {"200": 1}
+
+        # Once that token has expired, the seed is spent: only the stored rotation lets a task in.
+        store.save(oauth["refresh_token"], dataclasses.replace(stored, expires_at=time.time() - 1))
+        third = GrowthHubHook()
+        assert third.upsert_contact({"email": "third@example.com"}).new
+        assert store.load(oauth["refresh_token"]).refresh_token not in (rotated, oauth["refresh_token"])
         spent = requests.post(
             f"{api.base_url}/oauth/token",
             data={"grant_type": "refresh_token", "client_id": "cid-1", "client_secret": "csecret-0001"}
@@ -309,15 +317,15 @@ class TestGrowthHubHookAgainstSandbox:
         api.set_faults(seed=3, error_rate=0.2, drop_rate=0.1, timeout_rate=0.05, hang_seconds=1)
         hook = GrowthHubHook(**FAST)
         outcomes = list(hook.upsert_contacts([*rows(30), ("bad", {"email": "bad-email"})]))
-        assert hook._access_token
+        assert hook.client._access_token
         logs = caplog.text + "".join(capsys.readouterr())
         assert "GrowthHub batch: sent=31" in logs
         assert "401" in api.stats()["requests"]["POST /contacts/upsert"]
-        secrets = [hook._access_token, "at-expired-0004", "csecret-0004", "rt-seed-0004", TOKEN]
+        secrets = [hook.client._access_token, "at-expired-0004", "csecret-0004", "rt-seed-0004", TOKEN]
         secrets.append(
-            FileRefreshTokenStore(hook.extras["refresh_token_file"]).current(
-                "growthhub_default", "rt-seed-0004"
-            )
+            FileTokenStore(hook.extras["refresh_token_file"], "growthhub_default")
+            .load("rt-seed-0004")
+            .refresh_token
         )
         for secret in secrets:
             assert secret not in logs

@@ -15,7 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from growthhub_provider.hooks.growthhub import FileRefreshTokenStore, GrowthHubHook
+from growthhub_provider.client import FileTokenStore
+from growthhub_provider.hooks.growthhub import GrowthHubHook
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -113,8 +114,8 @@ def test_batch_logs_carry_no_secret_and_only_masked_personal_data(
     stats = sandbox.stats()["requests"]
     assert stats["POST /oauth/token"] == {"200": 1}
     assert {"200", "401", "422", "429", "500"} <= stats["POST /contacts/upsert"].keys()
-    new_access = hook._access_token
-    new_refresh = FileRefreshTokenStore(token_file).current("growthhub_default", SEED_REFRESH)
+    new_access = hook.client._access_token
+    new_refresh = FileTokenStore(token_file, "growthhub_default").load(SEED_REFRESH).refresh_token
     assert new_access not in (None, EXPIRED_ACCESS)
     assert new_refresh != SEED_REFRESH
 

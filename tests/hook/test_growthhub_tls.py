@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from growthhub_provider.hooks.growthhub import GrowthHubConfigError, GrowthHubHook, tls_verify
+from growthhub_provider.client import GrowthHubConfigError, tls_verify
+from growthhub_provider.hooks.growthhub import GrowthHubHook
 
 if TYPE_CHECKING:
     from collections.abc import Callable

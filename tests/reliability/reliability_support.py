@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import Engine
 
-from growthhub_provider.hooks.growthhub import UpsertOutcome
+from growthhub_provider.client import UpsertOutcome
 from growthhub_sandbox.testing import SandboxAdmin
 from growthhub_sync import state
 from growthhub_sync.config import SyncConfig

@@ -33,7 +33,8 @@ from reliability_support import (
 )
 from sqlalchemy import update
 
-from growthhub_provider.hooks.growthhub import FileRefreshTokenStore, GrowthHubHook
+from growthhub_provider.client import FileTokenStore
+from growthhub_provider.hooks.growthhub import GrowthHubHook
 from growthhub_sandbox.testing import SandboxAdmin, SandboxProcess
 from growthhub_sync.demo import contacts_table, seed_demo
 from growthhub_sync.mapping import normalise_phone
@@ -162,8 +163,10 @@ def scanned(
     )
     if request.param == "oauth-refresh":
         assert sandbox.stats()["requests"]["POST /oauth/token"] == {"200": 1}
-        new_refresh = FileRefreshTokenStore(tmp_path / "rt.json").current("growthhub_default", SEED_REFRESH)
-        secrets += [s for s in (hooks[0]._access_token, new_refresh) if s and s not in secrets]
+        new_refresh = (
+            FileTokenStore(tmp_path / "rt.json", "growthhub_default").load(SEED_REFRESH).refresh_token
+        )
+        secrets += [s for s in (hooks[0].client._access_token, new_refresh) if s and s not in secrets]
     stats = sandbox.stats()["requests"]["POST /contacts/upsert"]
     assert {"200", "422", "429", "500"} <= stats.keys(), stats  # every logging path was walked
     emails, phones = _personal_data(wh, cfg)

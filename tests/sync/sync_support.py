@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy.engine import Connection, Engine
 
-from growthhub_provider.hooks.growthhub import UpsertOutcome
+from growthhub_provider.client import UpsertOutcome
 from growthhub_sync.config import SyncConfig
 from growthhub_sync.testing import Warehouse, config_for
 

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import func, select
 from sync_support import DAY, T0, Warehouse
 
-from growthhub_provider.hooks.growthhub import GrowthHubAuthError
+from growthhub_provider.client import GrowthHubAuthError
 from growthhub_sandbox.testing import SandboxAdmin, SandboxProcess
 from growthhub_sync import state
 from growthhub_sync.config import SyncConfig

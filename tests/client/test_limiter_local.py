@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from growthhub_provider.hooks._ratelimit import RateLimiter
+from growthhub_provider.client.limiter import LocalRateLimiter as RateLimiter
 
 
 def _headers(**values: int) -> dict[str, str]:

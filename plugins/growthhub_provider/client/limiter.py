@@ -1,4 +1,4 @@
-"""Client-side rate limiter for GrowthHub's per-location burst window and daily quota."""
+"""The in-process limiter of a location's burst window and daily quota (``local`` coordination)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 
-def _int_header(headers: Mapping[str, str], name: str) -> int | None:
+def int_header(headers: Mapping[str, str], name: str) -> int | None:
     value = headers.get(name)
     try:
         return int(value) if value is not None else None
@@ -19,9 +19,9 @@ def _int_header(headers: Mapping[str, str], name: str) -> int | None:
         return None
 
 
-class RateLimiter:
+class LocalRateLimiter:
     """
-    Sliding-window limiter shared by every worker thread (and every hook) sending to one location.
+    Sliding-window limiter shared by the threads and clients of this process that send to one location.
 
     A request holds a slot from the moment it is sent until ``interval`` after its *response*
     arrived. The server counts a request somewhere between those two instants, so no window the
@@ -99,10 +99,10 @@ class RateLimiter:
             self._cond.notify_all()
 
     def _adapt(self, headers: Mapping[str, str], now: float) -> None:
-        burst = _int_header(headers, "X-RateLimit-Max")
-        interval_ms = _int_header(headers, "X-RateLimit-Interval-Milliseconds")
-        remaining = _int_header(headers, "X-RateLimit-Remaining")
-        daily = _int_header(headers, "X-RateLimit-Daily-Remaining")
+        burst = int_header(headers, "X-RateLimit-Max")
+        interval_ms = int_header(headers, "X-RateLimit-Interval-Milliseconds")
+        remaining = int_header(headers, "X-RateLimit-Remaining")
+        daily = int_header(headers, "X-RateLimit-Daily-Remaining")
         if burst is not None and burst > 0:
             self.burst = min(burst, self.burst_cap) if self.burst_cap else burst
         if interval_ms is not None and interval_ms > 0:

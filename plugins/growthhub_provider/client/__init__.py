@@ -1,0 +1,72 @@
+"""
+The GrowthHub API client, free of Airflow: usable from any Python process and tested on its own.
+
+:class:`GrowthHubClient` speaks HTTP to one location; :mod:`.coordination` keeps what the workers
+of that location share (``local`` here; ``redis`` in :mod:`.redis_coordination`).
+"""
+
+from __future__ import annotations
+
+from growthhub_provider.client.client import (
+    BatchStats,
+    GrowthHubClient,
+    OutcomeStatus,
+    UpsertOutcome,
+    UpsertResult,
+)
+from growthhub_provider.client.coordination import (
+    Coordination,
+    FileTokenStore,
+    LimitSettings,
+    LocalCoordination,
+    RateLimiter,
+    TokenState,
+    TokenStore,
+)
+from growthhub_provider.client.errors import (
+    CoordinationError,
+    GrowthHubAuthError,
+    GrowthHubBadResponse,
+    GrowthHubConfigError,
+    GrowthHubError,
+    GrowthHubNotFound,
+    GrowthHubRejected,
+    GrowthHubTransientError,
+)
+from growthhub_provider.client.responses import identity_keys
+from growthhub_provider.client.settings import (
+    ClientConfig,
+    OAuthCredentials,
+    RetryPolicy,
+    tls_verify,
+    to_bool,
+)
+
+__all__ = [
+    "BatchStats",
+    "ClientConfig",
+    "Coordination",
+    "CoordinationError",
+    "FileTokenStore",
+    "GrowthHubAuthError",
+    "GrowthHubBadResponse",
+    "GrowthHubClient",
+    "GrowthHubConfigError",
+    "GrowthHubError",
+    "GrowthHubNotFound",
+    "GrowthHubRejected",
+    "GrowthHubTransientError",
+    "LimitSettings",
+    "LocalCoordination",
+    "OAuthCredentials",
+    "OutcomeStatus",
+    "RateLimiter",
+    "RetryPolicy",
+    "TokenState",
+    "TokenStore",
+    "UpsertOutcome",
+    "UpsertResult",
+    "identity_keys",
+    "tls_verify",
+    "to_bool",
+]

@@ -1,0 +1,713 @@
+"""
+The GrowthHub client: the project's only way to talk to the GrowthHub (HighLevel / LeadConnector) API.
+
+It owns the HTTP contract: bearer auth (Private Integration Token, access token or OAuth with
+refresh-token rotation), the ``Version`` header, rate limiting, tenacity retries, error
+classification and concurrent, identity-serialised upserts. What several workers of one location
+must agree on (limiter, token state) comes from a :class:`Coordination`. It knows nothing of
+warehouses or of Airflow: the hook builds it from a connection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+from urllib.parse import quote
+
+import requests
+import tenacity
+from requests_toolbelt.adapters.socket_options import TCPKeepAliveAdapter
+
+from growthhub_provider.client.coordination import LocalCoordination, TokenState
+from growthhub_provider.client.errors import (
+    GrowthHubAuthError,
+    GrowthHubBadResponse,
+    GrowthHubConfigError,
+    GrowthHubError,
+    GrowthHubNotFound,
+    GrowthHubRejected,
+    GrowthHubTransientError,
+)
+from growthhub_provider.client.responses import (
+    api_messages,
+    body_kind,
+    contact_in,
+    identity_keys,
+    json_object,
+    read_body,
+    short,
+)
+from growthhub_provider.masking import mask_pii
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterable, Iterator
+    from concurrent.futures import Future
+
+    from growthhub_provider.client.coordination import Coordination, RateLimiter, TokenStore
+    from growthhub_provider.client.settings import ClientConfig
+
+UPSERT_ENDPOINT = "/contacts/upsert"
+OAUTH_ENDPOINT = "/oauth/token"
+_CONNECTION_TEST_CONTACT = "growthhub-connection-test"
+
+OutcomeStatus = Literal["created", "updated", "rejected", "failed", "skipped"]
+
+
+class _DailyQuotaReached(Exception):
+    """The known daily quota fell to the caller's reserve: the row is not sent."""
+
+
+@dataclass(frozen=True)
+class UpsertResult:
+    """What one successful upsert returned."""
+
+    contact_id: str
+    new: bool
+    trace_id: str | None
+
+
+@dataclass(frozen=True)
+class UpsertOutcome:
+    """
+    The fate of one row of :meth:`GrowthHubClient.upsert_contacts`, carrying the caller's key.
+
+    ``messages`` holds the API's list for ``rejected`` and the last error for ``failed``.
+    """
+
+    key: str
+    status: OutcomeStatus
+    contact_id: str | None = None
+    http_status: int | None = None
+    messages: list[str] = field(default_factory=list)
+    trace_id: str | None = None
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """Counters of one :meth:`GrowthHubClient.upsert_contacts` call (also logged as one line)."""
+
+    sent: int
+    created: int
+    updated: int
+    rejected: int
+    failed: int
+    skipped: int
+    retried: int
+    throttled: int
+    elapsed_s: float
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.sent / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+
+@dataclass
+class _Row:
+    key: str
+    payload: dict[str, Any]
+    identities: frozenset[str]
+
+
+class _BearerAuth(requests.auth.AuthBase):
+    """Reads the client's current access token per request, so a refresh needs no new session."""
+
+    def __init__(self, client: GrowthHubClient) -> None:
+        self._client = client
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        request.headers["Authorization"] = f"Bearer {self._client._access_token or ''}"
+        return request
+
+
+def _no_auth(request: requests.PreparedRequest) -> requests.PreparedRequest:
+    return request
+
+
+class _Backoff:
+    """Exponential backoff with jitter, except after a 429: the limiter already holds sends back."""
+
+    def __init__(self, initial_s: float, max_s: float) -> None:
+        self._exponential = tenacity.wait_exponential_jitter(
+            multiplier=initial_s, max=max_s, jitter=initial_s
+        )
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        error = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(error, GrowthHubTransientError) and error.throttled:
+            return 0.0
+        return self._exponential(retry_state)
+
+
+class GrowthHubClient:
+    """
+    Upsert contacts into GrowthHub, fast and within the API's limits.
+
+    Bad answers, and what they become (``upsert_contacts`` outcome in brackets):
+
+    - 429, 5xx, whatever the body (JSON, a proxy's HTML page, empty, huge), timeouts, dropped
+      connections: :class:`GrowthHubTransientError` etc., retried (``failed`` once retries run out).
+    - 2xx whose body is empty, not JSON (e.g. a 200 ``text/html`` page), JSON but not an object,
+      without a string ``contact.id``, undecodable (``Content-Encoding``) or over
+      ``MAX_RESPONSE_BYTES``: :class:`GrowthHubBadResponse`, not retried (``failed``): the
+      write may or may not have happened; the caller defers the row and a later idempotent upsert
+      settles it. Never ``rejected``: nothing says the payload is wrong.
+    - 400/422 with a non-JSON body: :class:`GrowthHubRejected` (``rejected``) with the reason and
+      the start of the body as its message; 401/403 with any body: :class:`GrowthHubAuthError`.
+    - An unusable 200 from ``/oauth/token``: :class:`GrowthHubAuthError` (the task fails once
+      instead of every row spending a refresh); its message never quotes that body.
+    - The coordination state unreachable: ``CoordinationError`` out of the batch; nothing is sent
+      without the shared limiter.
+
+    Messages quote at most ``MAX_MESSAGE_CHARS`` characters of a body and ``MAX_MESSAGES`` API
+    messages, with the client's secrets and bearer tokens redacted, and emails/phones masked in
+    logs and exception text (unless ``log_pii``).
+
+    :param config: where and how to connect.
+    :param coordination: the location's shared state (default: local to this host, tokens in
+        ``~/.growthhub-tokens.json``).
+    :param logger: where the client logs (default: this module's logger).
+    :param on_secret: called with every secret the client learns (new access and refresh tokens),
+        so a host such as Airflow can mask them in its logs.
+    """
+
+    def __init__(
+        self,
+        config: ClientConfig,
+        *,
+        coordination: Coordination | None = None,
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger] | None = None,
+        on_secret: Callable[[str], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.coordination = coordination or LocalCoordination(
+            config.base_url, config.location_id, Path.home() / ".growthhub-tokens.json"
+        )
+        self.log = logger or logging.getLogger(__name__)
+        self._on_secret = on_secret
+        self._secrets: set[str] = set()
+        for secret in config.secrets:
+            self._learn_secret(secret)
+        self.last_batch_stats: BatchStats | None = None
+        self._backoff = _Backoff(config.retry.backoff_initial_s, config.retry.backoff_max_s)
+        self._session_lock = threading.Lock()
+        self._session: requests.Session | None = None
+        self._limiter: RateLimiter | None = None
+        self._token_store: TokenStore | None = None
+        self._refresh_lock = threading.Lock()
+        self._access_token: str | None = config.token
+        self._access_expires_at: float | None = None
+        self._stored_token_checked = False
+        self._auth_failure: str | None = None
+        self._throttled = 0
+        self._throttled_lock = threading.Lock()
+
+    # -- set-up -----------------------------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        return self.config.base_url
+
+    @property
+    def location_id(self) -> str | None:
+        return self.config.location_id
+
+    @property
+    def limiter(self) -> RateLimiter:
+        """The location's limiter, shared as the coordination says."""
+        if self._limiter is None:
+            self._limiter = self.coordination.limiter(self.config.limits)
+        return self._limiter
+
+    @property
+    def daily_remaining(self) -> int | None:
+        """Daily quota left: the server's last figure less what went out since (at first: the limit)."""
+        return self.limiter.daily_remaining
+
+    @property
+    def session(self) -> requests.Session:
+        """The one session every request and worker thread shares, built on first use."""
+        with self._session_lock:
+            if self._session is None:
+                self._session = self._new_session()
+            return self._session
+
+    def _new_session(self) -> requests.Session:
+        config = self.config
+        session = requests.Session()
+        session.auth = _BearerAuth(self)
+        session.verify = config.verify
+        session.proxies.update(config.proxies)
+        # Proxies and CA bundle come from the config, read from the environment once by the
+        # caller: requests would scan os.environ twice per request, a fifth of the CPU per upsert.
+        session.trust_env = False
+        # Bodies are read by read_body, which caps their size.
+        session.stream = True
+        session.headers.update(
+            {"Accept": "application/json", "Content-Type": "application/json", "Version": config.api_version}
+        )
+        adapter = TCPKeepAliveAdapter(
+            idle=120, count=20, interval=30, pool_connections=2, pool_maxsize=config.max_workers
+        )
+        session.mount("http://", adapter)
+        session.mount("https://", adapter)
+        return session
+
+    def url(self, endpoint: str) -> str:
+        return f"{self.config.base_url.rstrip('/')}/{endpoint.lstrip('/')}"
+
+    # -- secrets and messages ---------------------------------------------------------------------
+
+    def _learn_secret(self, secret: str) -> None:
+        self._secrets.add(secret)
+        if self._on_secret is not None:
+            self._on_secret(secret)
+
+    def _scrub(self, text: str) -> str:
+        """``text`` without any secret this client knows (bodies may echo what they were sent)."""
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, "***")
+        return text
+
+    def _log_text(self, text: str) -> str:
+        return text if self.config.log_pii else mask_pii(text)
+
+    # -- auth -------------------------------------------------------------------------------------
+
+    @property
+    def token_store(self) -> TokenStore:
+        if self.config.oauth is None:
+            raise GrowthHubConfigError(f"{self.config.name!r} has no OAuth client: no token store")
+        if self._token_store is None:
+            self._token_store = self.coordination.token_store(self.config.name)
+        return self._token_store
+
+    def _adopt(self, state: TokenState) -> None:
+        self._access_token = state.access_token
+        self._access_expires_at = state.expires_at
+
+    @staticmethod
+    def _usable(state: TokenState | None, stale: str | None) -> bool:
+        """A stored access token newer than ``stale`` and still valid: another worker refreshed."""
+        return (
+            state is not None
+            and state.access_token is not None
+            and state.access_token != stale
+            and (state.expires_at is None or state.expires_at > time.time())
+        )
+
+    def _ensure_access_token(self) -> None:
+        if self.config.oauth and not self._stored_token_checked:
+            self._adopt_stored_token()
+        token = self._access_token
+        expired = self._access_expires_at is not None and time.time() >= self._access_expires_at
+        if self.config.oauth and (token is None or expired):
+            self._refresh_access_token(stale=token)
+        elif not self.config.oauth and token is None:
+            raise GrowthHubAuthError(f"{self.config.name!r} has neither a token nor an OAuth client")
+
+    def _adopt_stored_token(self) -> None:
+        """Start from the access token another worker or task stored: newer than the connection's."""
+        oauth = self.config.oauth
+        assert oauth is not None
+        with self._refresh_lock:
+            if not self._stored_token_checked:
+                state = self.token_store.load(oauth.refresh_token)
+                if self._usable(state, None):
+                    self._adopt(state)  # type: ignore[arg-type]
+                self._stored_token_checked = True
+
+    def _refresh_access_token(self, stale: str | None) -> None:
+        """
+        Get an access token newer than ``stale``: another worker's if it refreshed, else our own.
+
+        Exactly one worker spends the refresh token, under the token store's lock; the others wait
+        for that lock and then read the new token instead of spending the old one again.
+        """
+        oauth = self.config.oauth
+        assert oauth is not None
+        with self._refresh_lock:
+            if self._auth_failure:
+                raise GrowthHubAuthError(self._auth_failure)
+            if self._access_token != stale:
+                return
+            store = self.token_store
+            state = store.load(oauth.refresh_token)
+            if self._usable(state, stale):
+                self._adopt(state)  # type: ignore[arg-type]
+                return
+            with store.refresh_lock():
+                state = store.load(oauth.refresh_token)
+                if self._usable(state, stale):
+                    self._adopt(state)  # type: ignore[arg-type]
+                    return
+                spent = state.refresh_token if state else oauth.refresh_token
+                new_state = self._spend_refresh_token(spent)
+                store.save(oauth.refresh_token, new_state)
+            self._adopt(new_state)
+            self.log.info("Refreshed the OAuth access token of %s", self.config.name)
+
+    def _spend_refresh_token(self, refresh_token: str) -> TokenState:
+        """``POST /oauth/token``: trade ``refresh_token`` for a new pair (GrowthHub spends the old one)."""
+        oauth = self.config.oauth
+        assert oauth is not None
+        response = self.session.post(
+            self.url(OAUTH_ENDPOINT),
+            data={
+                "grant_type": "refresh_token",
+                "client_id": oauth.client_id,
+                "client_secret": oauth.client_secret,
+                "refresh_token": refresh_token,
+                "user_type": "Location",
+            },
+            headers={"Content-Type": "application/x-www-form-urlencoded"},
+            auth=_no_auth,
+            timeout=self.config.timeout,
+        )
+        problem = read_body(response)
+        if response.status_code == 429 or response.status_code >= 500:
+            # The token was not spent: the row's retry will try the refresh again.
+            raise GrowthHubTransientError(response.status_code, "OAuth refresh failed")
+        if response.status_code != 200:
+            self._auth_failure = self._scrub(
+                f"OAuth refresh for {self.config.name!r} failed: {response.status_code} "
+                f"{'; '.join(api_messages(response))}"
+            )
+            raise GrowthHubAuthError(self._auth_failure)
+        body = self._oauth_body(response, problem)
+        self._learn_secret(body["access_token"])
+        new_refresh_token = body.get("refresh_token") or refresh_token
+        self._learn_secret(new_refresh_token)
+        expires_at = None
+        if expires_in := body.get("expires_in"):
+            expires_in = float(expires_in)
+            expires_at = time.time() + expires_in - min(60.0, expires_in / 10)
+        return TokenState(
+            refresh_token=new_refresh_token, access_token=body["access_token"], expires_at=expires_at
+        )
+
+    def _oauth_body(self, response: requests.Response, problem: str | None) -> dict[str, Any]:
+        """
+        The token pair of a 200 refresh answer; an unusable one fails the task (auth error).
+
+        The server may have spent the refresh token, and every row would try again: so fail once,
+        clearly. The message never quotes this body: it would hold the new tokens.
+        """
+        try:
+            if problem:
+                raise GrowthHubBadResponse(response.status_code, problem)
+            body = json_object(response)
+        except GrowthHubBadResponse:
+            detail = problem or f"not a JSON object ({body_kind(response)})"
+        else:
+            token = body.get("access_token")
+            if isinstance(token, str) and token:
+                return body
+            detail = f"no access_token in the JSON ({body_kind(response)})"
+        self._auth_failure = (
+            f"OAuth refresh for {self.config.name!r} answered {response.status_code} with an "
+            f"unusable body: {detail}. The refresh token may be spent: if the next try says "
+            "invalid_grant, re-authorise the connection"
+        )
+        raise GrowthHubAuthError(self._auth_failure)
+
+    # -- one request ------------------------------------------------------------------------------
+
+    def _send(
+        self, method: str, endpoint: str, body: dict[str, Any] | None, daily_reserve: int | None
+    ) -> requests.Response:
+        session = self.session
+        limiter = self.limiter
+        if not limiter.acquire(daily_reserve):
+            raise _DailyQuotaReached
+        try:
+            response = session.request(method, self.url(endpoint), json=body, timeout=self.config.timeout)
+            problem = read_body(response)
+        except BaseException:
+            limiter.release()
+            raise
+        throttled = response.status_code == 429
+        if throttled:
+            with self._throttled_lock:
+                self._throttled += 1
+        limiter.release(response.headers, throttled=throttled)
+        if problem and response.status_code < 400:
+            raise GrowthHubBadResponse(response.status_code, problem)
+        return response
+
+    def _call(
+        self, method: str, endpoint: str, body: dict[str, Any] | None = None, daily_reserve: int | None = None
+    ) -> requests.Response:
+        """
+        Send one request; on a 401 with OAuth, get a newer token once and send again.
+
+        The first auth failure is remembered, so the other worker threads fail at once instead
+        of each spending a request (and a refresh) to learn the same thing.
+        """
+        if self._auth_failure:
+            raise GrowthHubAuthError(self._auth_failure)
+        try:
+            self._ensure_access_token()
+            response = self._send(method, endpoint, body, daily_reserve)
+            if response.status_code == 401 and self.config.oauth:
+                used = str(response.request.headers.get("Authorization", "")).removeprefix("Bearer ")
+                self._refresh_access_token(stale=used)
+                if self._auth_failure:
+                    raise GrowthHubAuthError(self._auth_failure)
+                response = self._send(method, endpoint, body, None)
+            self._raise_for_status(response)
+        except GrowthHubAuthError as e:
+            self._auth_failure = str(e)
+            raise
+        return response
+
+    def _raise_for_status(self, response: requests.Response) -> None:
+        status = response.status_code
+        if status < 400:
+            return
+        messages = [self._scrub(m) for m in api_messages(response)]
+        joined = short("; ".join(messages))
+        if status in (401, 403):
+            raise GrowthHubAuthError(f"{status}: {joined}")
+        if status == 400 and any("version" in m.lower() for m in messages):
+            raise GrowthHubConfigError(f"400: {joined} (check the connection's api_version)")
+        if status == 404:
+            raise GrowthHubNotFound(f"404: {joined}")
+        if status == 429 or status >= 500:
+            raise GrowthHubTransientError(status, joined)
+        raise GrowthHubRejected(status, messages)
+
+    def _retrying(self, abort: threading.Event | None = None) -> tenacity.Retrying:
+        policy = self.config.retry
+        stop = tenacity.stop_after_attempt(policy.max_attempts) | tenacity.stop_after_delay(
+            policy.max_seconds
+        )
+        if abort is not None:
+            stop = stop | (lambda _: abort.is_set())
+        return tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(
+                (
+                    GrowthHubTransientError,
+                    requests.ConnectionError,
+                    requests.Timeout,
+                    requests.exceptions.ChunkedEncodingError,
+                )
+            ),
+            stop=stop,
+            wait=self._backoff,
+            reraise=True,
+        )
+
+    def _with_location(self, payload: dict[str, Any]) -> dict[str, Any]:
+        if payload.get("locationId") or not self.config.location_id:
+            return payload
+        return {**payload, "locationId": self.config.location_id}
+
+    # -- public API -------------------------------------------------------------------------------
+
+    def upsert_contact(self, payload: dict[str, Any]) -> UpsertResult:
+        """
+        Create or update one contact, retrying transient errors.
+
+        :raises GrowthHubRejected: 400/422, with the API's messages.
+        :raises GrowthHubAuthError: 401 after one refresh attempt, or 403.
+        :raises GrowthHubTransientError: 429/5xx still failing after the retries.
+        :raises GrowthHubBadResponse: a 2xx whose body is unusable (see the class docstring).
+        """
+        body = self._with_location(payload)
+        response = self._retrying()(self._call, "POST", UPSERT_ENDPOINT, body)
+        return self._upsert_result(response)
+
+    @staticmethod
+    def _upsert_result(response: requests.Response) -> UpsertResult:
+        data = json_object(response)
+        trace_id = data.get("traceId")
+        return UpsertResult(
+            contact_id=contact_in(data, response.status_code)["id"],
+            new=bool(data.get("new")),
+            trace_id=trace_id if isinstance(trace_id, str) else None,
+        )
+
+    def get_contact(self, contact_id: str) -> dict[str, Any]:
+        """
+        Fetch one contact.
+
+        :raises GrowthHubNotFound: unknown id, or a contact of another location.
+        """
+        response = self._retrying()(self._call, "GET", f"/contacts/{quote(contact_id, safe='')}")
+        return contact_in(json_object(response), response.status_code)
+
+    def check(self) -> tuple[bool, str]:
+        """Check base URL, token and Version by fetching a contact that does not exist (404 = fine)."""
+        try:
+            self._call("GET", f"/contacts/{_CONNECTION_TEST_CONTACT}")
+        except GrowthHubNotFound:
+            pass
+        except (GrowthHubError, requests.RequestException) as e:
+            return False, self._scrub(str(e))
+        return True, f"Connected to {self.base_url} (API version {self.config.api_version})"
+
+    def _upsert_row(self, row: _Row, daily_reserve: int, abort: threading.Event) -> UpsertOutcome:
+        attempts = 0
+
+        def attempt() -> requests.Response:
+            nonlocal attempts
+            attempts += 1
+            # The reserve only gates a row's first send; a retry finishes what was started.
+            return self._call("POST", UPSERT_ENDPOINT, row.payload, daily_reserve if attempts == 1 else None)
+
+        try:
+            result = self._upsert_result(self._retrying(abort)(attempt))
+        except _DailyQuotaReached:
+            return UpsertOutcome(row.key, "skipped")
+        except GrowthHubRejected as e:
+            return UpsertOutcome(
+                row.key, "rejected", http_status=e.status, messages=e.messages, attempts=attempts
+            )
+        except GrowthHubTransientError as e:
+            return UpsertOutcome(
+                row.key,
+                "failed",
+                http_status=e.status,
+                messages=[f"{e.status}: {e.message}"],
+                attempts=attempts,
+            )
+        except GrowthHubBadResponse as e:
+            return UpsertOutcome(
+                row.key,
+                "failed",
+                http_status=e.status,
+                messages=[f"{e.status}: unusable response: {e.message}"],
+                attempts=attempts,
+            )
+        except (requests.RequestException, GrowthHubNotFound) as e:
+            return UpsertOutcome(
+                row.key,
+                "failed",
+                messages=[short(self._scrub(f"{type(e).__name__}: {e}"))],
+                attempts=attempts,
+            )
+        status: OutcomeStatus = "created" if result.new else "updated"
+        return UpsertOutcome(row.key, status, result.contact_id, 200, [], result.trace_id, attempts)
+
+    def upsert_contacts(
+        self, rows: Iterable[tuple[str, dict[str, Any]]], *, daily_reserve: int = 0
+    ) -> Iterator[UpsertOutcome]:
+        """
+        Upsert many contacts concurrently; yield one outcome per row as soon as it is known.
+
+        Rows sharing an identity (normalised email or phone) go out one at a time in input order,
+        so the CRM cannot race into duplicates. At most ``4 * max_workers`` rows are held in
+        memory, whatever the size of ``rows``. Stats of the batch land in :attr:`last_batch_stats`.
+
+        :param rows: ``(caller's row key, payload)`` pairs.
+        :param daily_reserve: once the known daily quota is down to this, the remaining rows come
+            back ``skipped`` without being sent, so a later run can resume.
+        :raises GrowthHubAuthError: out of the iterator: the task must fail, not quarantine every row.
+        :raises CoordinationError: out of the iterator: the shared limiter or token state is gone.
+        """
+        self._auth_failure = None
+        started = time.monotonic()
+        throttled_before = self._throttled
+        counts: Counter[str] = Counter()
+        source = iter(rows)
+        exhausted = False
+        waiting: list[_Row] = []
+        busy: set[str] = set()
+        in_flight: dict[Future[UpsertOutcome], _Row] = {}
+        # Completed futures arrive here: O(1) per row, where wait() re-scans the whole window.
+        finished: queue.SimpleQueue[Future[UpsertOutcome]] = queue.SimpleQueue()
+        abort = threading.Event()
+        window = 4 * self.config.max_workers
+        executor = ThreadPoolExecutor(max_workers=self.config.max_workers, thread_name_prefix="growthhub")
+
+        def start_ready() -> None:
+            held: set[str] = set()  # identities of earlier waiting rows keep their place in line
+            still_waiting = []
+            for row in waiting:
+                if row.identities & busy or row.identities & held:
+                    held |= row.identities
+                    still_waiting.append(row)
+                    continue
+                busy.update(row.identities)
+                future = executor.submit(self._upsert_row, row, daily_reserve, abort)
+                in_flight[future] = row
+                future.add_done_callback(finished.put)
+            waiting[:] = still_waiting
+
+        try:
+            while True:
+                while not exhausted and len(in_flight) + len(waiting) < window:
+                    try:
+                        key, payload = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    waiting.append(_Row(key, self._with_location(payload), identity_keys(payload)))
+                start_ready()
+                if not in_flight:
+                    break
+                done = [finished.get()]
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        done.append(finished.get_nowait())
+                for future in done:
+                    busy.difference_update(in_flight.pop(future).identities)
+                    outcome = future.result()
+                    counts[outcome.status] += 1
+                    counts["retried"] += max(outcome.attempts - 1, 0)
+                    if outcome.status in ("rejected", "failed"):
+                        self.log.log(
+                            logging.WARNING if outcome.status == "failed" else logging.DEBUG,
+                            "Row %s %s (HTTP %s): %s",
+                            outcome.key,
+                            outcome.status,
+                            outcome.http_status,
+                            self._log_text("; ".join(outcome.messages)),
+                        )
+                    yield outcome
+        finally:
+            abort.set()
+            executor.shutdown(wait=True, cancel_futures=True)
+            self._finish_batch(counts, self._throttled - throttled_before, time.monotonic() - started)
+
+    def _finish_batch(self, counts: Counter[str], throttled: int, elapsed_s: float) -> None:
+        stats = BatchStats(
+            sent=sum(counts[s] for s in ("created", "updated", "rejected", "failed")),
+            created=counts["created"],
+            updated=counts["updated"],
+            rejected=counts["rejected"],
+            failed=counts["failed"],
+            skipped=counts["skipped"],
+            retried=counts["retried"],
+            throttled=throttled,
+            elapsed_s=elapsed_s,
+        )
+        self.last_batch_stats = stats
+        daily_remaining = None
+        with contextlib.suppress(GrowthHubError):  # an unreachable shared state is already raised
+            daily_remaining = self.daily_remaining
+        self.log.info(
+            "GrowthHub batch: sent=%d created=%d updated=%d rejected=%d failed=%d skipped=%d "
+            "retried=%d 429s=%d elapsed=%.1fs rows/s=%.1f daily_remaining=%s",
+            stats.sent,
+            stats.created,
+            stats.updated,
+            stats.rejected,
+            stats.failed,
+            stats.skipped,
+            stats.retried,
+            stats.throttled,
+            stats.elapsed_s,
+            stats.rows_per_s,
+            daily_remaining,
+        )

@@ -1,0 +1,150 @@
+"""
+Reading GrowthHub's answers: capped bodies, JSON checks, the API's error messages.
+
+Bodies come from a server we do not control (or from a proxy in front of it), so nothing here
+trusts their size, encoding or shape, and nothing quotes more than a short, one-line excerpt.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import requests
+
+from growthhub_provider.client.errors import GrowthHubBadResponse
+
+# An upsert answer is a few KB; a body past this comes from something broken (a proxy, a bug) and
+# is cut, its connection dropped, rather than read into a worker's memory.
+MAX_RESPONSE_BYTES = 1024 * 1024
+# Bodies and API messages quoted in errors, outcomes and logs are cut to this many characters.
+MAX_MESSAGE_CHARS = 500
+MAX_MESSAGES = 20
+
+_BEARER_RE = re.compile(r"(?i)(bearer\s+)[^\s\"'<>,;]+")
+
+
+def identity_keys(payload: dict[str, Any]) -> frozenset[str]:
+    """
+    The identities the CRM matches duplicates on: normalised email and phone digits.
+
+    Two rows sharing any of these must not be in flight together, or the CRM can race into
+    creating the same person twice.
+    """
+    keys = set()
+    if email := str(payload.get("email") or "").strip().lower():
+        keys.add(f"email:{email}")
+    if phone := re.sub(r"\D", "", str(payload.get("phone") or "")):
+        keys.add(f"phone:{phone}")
+    return frozenset(keys)
+
+
+def short(text: str) -> str:
+    """One printable line of at most MAX_MESSAGE_CHARS, with bearer tokens out."""
+    line = "".join(c if c.isprintable() else " " for c in " ".join(text[: 4 * MAX_MESSAGE_CHARS].split()))
+    line = _BEARER_RE.sub(r"\1***", line)
+    return line if len(line) <= MAX_MESSAGE_CHARS else f"{line[: MAX_MESSAGE_CHARS - 3]}..."
+
+
+def excerpt(response: requests.Response) -> str:
+    """The start of a body for an error message, decoded leniently (never the whole body)."""
+    head = response.content[: 4 * MAX_MESSAGE_CHARS]
+    try:
+        text = head.decode(response.encoding or "utf-8", errors="replace")
+    except LookupError:
+        text = head.decode("utf-8", errors="replace")
+    return short(text)
+
+
+def body_kind(response: requests.Response) -> str:
+    return f"{response.headers.get('Content-Type') or 'no Content-Type'}, {len(response.content)} bytes"
+
+
+def _json(response: requests.Response) -> Any:
+    """The body as JSON; ``ValueError`` when it is not (``RecursionError`` too: absurdly deep JSON)."""
+    try:
+        return response.json()
+    except RecursionError as e:
+        raise ValueError("JSON nested too deeply") from e
+
+
+def api_messages(response: requests.Response) -> list[str]:
+    """The messages of an error answer: the API's list, else the reason and the body's start."""
+    fallback = response.reason or f"HTTP {response.status_code}"
+    try:
+        body = _json(response)
+    except ValueError:
+        start = excerpt(response)
+        return [short(f"{fallback}: {start}") if start else fallback]
+    # API errors carry "message"; OAuth errors (RFC 6749) carry "error" and "error_description".
+    message = (
+        body.get("message") or body.get("error_description") or body.get("error")
+        if isinstance(body, dict)
+        else None
+    )
+    if isinstance(message, list):
+        messages = [short(str(m)) for m in message[:MAX_MESSAGES]]
+        if len(message) > MAX_MESSAGES:
+            messages.append(f"... and {len(message) - MAX_MESSAGES} more")
+        return messages
+    if message:
+        return [short(str(message))]
+    return [fallback]
+
+
+def read_body(response: requests.Response) -> str | None:
+    """
+    Read a streamed body into ``response.content``, at most :data:`MAX_RESPONSE_BYTES` (decoded).
+
+    Past the limit, or when the body cannot be decompressed, the connection is dropped instead of
+    drained. Returns what was wrong with the body, or ``None``.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    problem = None
+    declared = response.headers.get("Content-Length", "")
+    try:
+        if declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
+            problem = f"body of {int(declared)} bytes is over the {MAX_RESPONSE_BYTES}-byte limit"
+        else:
+            for chunk in response.iter_content(chunk_size=64 * 1024):
+                chunks.append(chunk[: MAX_RESPONSE_BYTES - size])
+                size += len(chunk)
+                if size > MAX_RESPONSE_BYTES:
+                    problem = f"body is over the {MAX_RESPONSE_BYTES}-byte limit"
+                    break
+    except requests.exceptions.ContentDecodingError:
+        problem = f"body could not be decoded (Content-Encoding {response.headers.get('Content-Encoding')})"
+    if problem:
+        response.close()
+    # What requests itself does when it reads a body (stream=False): later .json()/.text use it.
+    response._content = b"".join(chunks)
+    response._content_consumed = True
+    return problem
+
+
+def json_object(response: requests.Response) -> dict[str, Any]:
+    """The body of a 2xx answer as a JSON object, else :class:`GrowthHubBadResponse`."""
+    status = response.status_code
+    if not response.content:
+        raise GrowthHubBadResponse(status, f"empty body ({body_kind(response)})")
+    try:
+        data = _json(response)
+    except ValueError:
+        raise GrowthHubBadResponse(
+            status, f"body is not JSON ({body_kind(response)}): {excerpt(response)}"
+        ) from None
+    if not isinstance(data, dict):
+        raise GrowthHubBadResponse(status, f"body is a JSON {type(data).__name__}, not an object")
+    return data
+
+
+def contact_in(data: dict[str, Any], status: int) -> dict[str, Any]:
+    """``data["contact"]`` with a non-empty string ``id``; errors name keys only (values are PII)."""
+    contact = data.get("contact")
+    if not isinstance(contact, dict) or not isinstance(contact.get("id"), str) or not contact["id"]:
+        keys = sorted(contact) if isinstance(contact, dict) else sorted(data)
+        where = "contact" if isinstance(contact, dict) else "body"
+        detail = f"no contact.id in the JSON ({where} keys: {', '.join(keys)})"
+        raise GrowthHubBadResponse(status, short(detail))
+    return contact

@@ -1,0 +1,125 @@
+"""How a :class:`~growthhub_provider.client.client.GrowthHubClient` is set up: one typed object."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from growthhub_provider.client.coordination import LimitSettings
+from growthhub_provider.client.errors import GrowthHubConfigError
+
+DEFAULT_API_VERSION = "2023-02-21"
+# Tuned with bench/bench_hook.py: enough requests in flight to hide ~50 ms of latency.
+DEFAULT_MAX_WORKERS = 64
+
+_TRUE = {"true", "t", "yes", "y", "on", "1"}
+_FALSE = {"false", "f", "no", "n", "off", "0"}
+
+
+def to_bool(value: Any, default: bool) -> bool:
+    """A flag from a connection extra (``true``, ``"no"``, ``1``, ...); anything else fails closed."""
+    if value is None or value == "":
+        return default
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise GrowthHubConfigError(f"{value!r} is not a true/false value")
+
+
+def tls_verify(value: Any) -> bool | str:
+    """
+    The ``verify`` extra as requests takes it: ``True`` (the default), ``False``, or a CA bundle path.
+
+    A path keeps verification on against that bundle. Anything else fails here, closed, rather
+    than quietly turning verification off.
+    """
+    if value is None or isinstance(value, bool):
+        return value is not False
+    text = str(value).strip()
+    if text.lower() in _TRUE:
+        return True
+    if text.lower() in _FALSE:
+        return False
+    path = Path(text).expanduser()
+    if not path.exists():
+        raise GrowthHubConfigError(
+            f"Connection extra verify={text!r} is neither true/false nor an existing CA bundle path"
+        )
+    return str(path)
+
+
+@dataclass(frozen=True)
+class OAuthCredentials:
+    """
+    An OAuth app's grant for one location.
+
+    :param refresh_token: the refresh token an admin put in the connection: the *seed*. Rotated
+        tokens are kept by the coordination's token store; a new seed makes them void.
+    """
+
+    client_id: str
+    client_secret: str = field(repr=False)
+    refresh_token: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """
+    How transient failures (429, 5xx, timeouts, dropped connections) of one row are retried.
+
+    :param max_attempts: attempts per row.
+    :param max_seconds: give up retrying a row after this long.
+    :param backoff_initial_s: first backoff; doubles per attempt, plus jitter.
+    :param backoff_max_s: longest single backoff.
+    """
+
+    max_attempts: int = 6
+    max_seconds: float = 120.0
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """
+    Everything the client needs to talk to one location of GrowthHub.
+
+    :param base_url: the API's base URL.
+    :param name: names the credentials in logs, errors and the token store (the connection id).
+    :param token: Private Integration Token or access token; with OAuth, the first access token.
+    :param location_id: the location, filled into payloads that carry none; keys the limits.
+    :param oauth: set to refresh access tokens (and rotate refresh tokens) with OAuth.
+    :param limits: the limits to start from until the server's headers say better.
+    :param max_workers: requests in flight at once in :meth:`upsert_contacts`.
+    :param timeout: seconds to wait for the server (connect and each read).
+    :param verify: TLS verification, as requests takes it (see :func:`tls_verify`).
+    :param proxies: proxies by scheme (read from the environment once, by the caller).
+    :param log_pii: log emails and phones unmasked (debugging only).
+    """
+
+    base_url: str
+    name: str = "growthhub"
+    token: str | None = field(default=None, repr=False)
+    location_id: str | None = None
+    api_version: str = DEFAULT_API_VERSION
+    oauth: OAuthCredentials | None = None
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    max_workers: int = DEFAULT_MAX_WORKERS
+    timeout: float = 30.0
+    verify: bool | str = True
+    proxies: dict[str, str] = field(default_factory=dict)
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+    log_pii: bool = False
+
+    @property
+    def secrets(self) -> list[str]:
+        """The configured secrets, to keep out of every message."""
+        candidates = [self.token]
+        if self.oauth:
+            candidates += [self.oauth.client_secret, self.oauth.refresh_token]
+        return [s for s in candidates if s]
