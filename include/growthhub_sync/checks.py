@@ -6,6 +6,11 @@ checked by GX itself (gender, dnd statuses), the E.164 / ISO-date shape of norma
 values, and the presence of an identity. ``COMPLETE`` results give the failing row indexes, turned into
 reasons per row. Each batch's validation result is stored as JSON under ``results_dir``;
 :func:`build_data_docs` renders them as HTML under ``data_docs_dir``.
+
+Both are folders of GX's ``TupleFilesystemStoreBackend``: GX Core 1.x ships no S3, GCS or Azure
+store backend. The batches of one run may validate on several Celery workers and the run's finalize
+task renders all their results on another, so with workers on several hosts both must be absolute
+paths on a volume every worker mounts.
 """
 
 from __future__ import annotations
@@ -141,13 +146,10 @@ class QualityChecker:
             data_docs_sites={"growthhub": _site(q.data_docs_dir)},
         )
         if keep_results:
-            # a filesystem store: every task process of a run writes its batches' results here
+            # every task process of a run writes its batches' results here
             ctx_cfg.stores["validation_results_store"] = {
                 "class_name": "ValidationResultsStore",
-                "store_backend": {
-                    "class_name": "TupleFilesystemStoreBackend",
-                    "base_directory": str(Path(q.results_dir).resolve()),
-                },
+                "store_backend": _folder_backend(q.results_dir),
             }
         self.context = gx.get_context(mode="ephemeral", project_config=ctx_cfg)
         self.checks = _expectations(config, set(columns))
@@ -200,12 +202,14 @@ class QualityChecker:
         return self.context.build_data_docs(site_names=["growthhub"], resource_identifiers=ids)["growthhub"]
 
 
+def _folder_backend(folder: str) -> dict[str, Any]:
+    """GX's filesystem store backend on ``folder``, a relative one fixed to this process's directory."""
+    return {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(Path(folder).resolve())}
+
+
 def _site(folder: str) -> dict[str, Any]:
     return {
         "class_name": "SiteBuilder",
-        "store_backend": {
-            "class_name": "TupleFilesystemStoreBackend",
-            "base_directory": str(Path(folder).resolve()),
-        },
+        "store_backend": _folder_backend(folder),
         "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
     }

@@ -233,7 +233,22 @@ class QualityConfig(_Model):
     genders: list[str] = Field(default_factory=lambda: ["male", "female", "other"])
     reject_rate_threshold: float = Field(default=0.05, ge=0, le=1)
     results_dir: str = "var/gx/validations"
+    """GX validation results: a folder, relative to the task's working directory or absolute."""
     data_docs_dir: str = "var/gx/data_docs"
+    """GX Data Docs (HTML), rendered by the run's finalize task from every batch's results."""
+
+    @field_validator("results_dir", "data_docs_dir")
+    @classmethod
+    def _gx_folder(cls, value: str) -> str:
+        # Path("s3://b/p") is a valid relative path: without this, results would silently land
+        # in ./s3:/b/p on each worker's own disk.
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", value):
+            raise ValueError(
+                f"{value!r} is a URL, but GX Core 1.x keeps results and Data Docs on a filesystem only "
+                "(it has no S3, GCS or Azure store backend): give the absolute path of a volume every "
+                "worker mounts"
+            )
+        return value
 
     @field_validator("default_region")
     @classmethod

@@ -55,7 +55,11 @@ EXPECTED_SERVICES = [
     "warehouse-seed",
     "growthhub-sandbox",
 ]
-CONNECTIONS = ["AIRFLOW_CONN_GROWTHHUB_DEFAULT", "AIRFLOW_CONN_WAREHOUSE_DEFAULT"]
+CONNECTIONS = [
+    "AIRFLOW_CONN_GROWTHHUB_DEFAULT",
+    "AIRFLOW_CONN_WAREHOUSE_DEFAULT",
+    "AIRFLOW_CONN_GROWTHHUB_COORDINATION",
+]
 
 RUNTIME_DIRS = {"logs", "var"}
 """Mounted folders that are not in the repo: gitignored, created on the host by Docker (as root) and
@@ -443,6 +447,41 @@ def unreachable_conditions(d: Deployment) -> list[str]:
     return problems
 
 
+def _extra(connection: dict[str, Any]) -> dict[str, Any]:
+    """A connection's extra, which Airflow's JSON form allows as an object or as a JSON string."""
+    extra = connection.get("extra") or {}
+    return json.loads(extra) if isinstance(extra, str) else extra
+
+
+def coordination_problems(d: Deployment) -> list[str]:
+    """Celery workers on several hosts share a location's limits and tokens only through Redis.
+
+    growthhub_default's ``coordination`` must name a ``redis`` connection of the common environment,
+    on the compose Redis the workers wait for, in a database apart from the Celery broker's.
+    """
+    conn_id = _extra(d.connection("AIRFLOW_CONN_GROWTHHUB_DEFAULT")).get("coordination", "local")
+    if conn_id == "local":
+        return ["growthhub_default has no coordination: each Celery worker would limit itself alone"]
+    variable = f"AIRFLOW_CONN_{conn_id.upper()}"
+    if variable not in environment(d.compose["x-airflow-common"]):
+        return [f"coordination names {conn_id!r}, but x-airflow-common defines no {variable}"]
+    connection = d.connection(variable)
+    if connection.get("conn_type") != "redis":
+        return [f"{conn_id} is of conn_type {connection.get('conn_type')!r}, not redis"]
+    problems = []
+    host = connection.get("host")
+    if not str(d.services.get(host or "", {}).get("image", "")).startswith("redis"):
+        problems.append(f"{conn_id} points at {host!r}, not a redis service")
+    elif host not in depends_on(d.services["airflow-worker"]):
+        problems.append(f"airflow-worker does not depend on {host} ({conn_id})")
+    broker = urlsplit(d.env("airflow-worker").get("AIRFLOW__CELERY__BROKER_URL", ""))
+    broker_db = int(broker.path.strip("/") or 0)
+    db = int(_extra(connection).get("db") or 0)
+    if (broker.hostname, broker_db) == (host, db):
+        problems.append(f"{conn_id} uses db {db} of {host}, the Celery broker's: keep them apart")
+    return problems
+
+
 def pool_problems(d: Deployment) -> list[str]:
     path = d.host_path("airflow-init", "/opt/airflow/deploy/pools.json")
     if path is None or not path.is_file():
@@ -681,6 +720,10 @@ def test_growthhub_connection_rate_limits_are_the_locations(repo: Deployment) ->
     )
 
 
+def test_growthhub_coordination_is_the_compose_redis_apart_from_the_broker(repo: Deployment) -> None:
+    assert coordination_problems(repo) == []
+
+
 def test_warehouse_connection_uses_the_warehouse_service(repo: Deployment) -> None:
     c = repo.connection("AIRFLOW_CONN_WAREHOUSE_DEFAULT")
     url = f"postgresql://{c['login']}:{c['password']}@{c['host']}:{c.get('port', 5432)}/{c['schema']}"
@@ -724,6 +767,12 @@ def _drop_pool(path: Path) -> None:
 def _drop_redis(path: Path) -> None:
     compose = yaml.safe_load(path.read_text())
     del compose["services"]["redis"]
+    path.write_text(yaml.safe_dump(compose))
+
+
+def _worker_without_redis(path: Path) -> None:
+    compose = yaml.safe_load(path.read_text())
+    del compose["services"]["airflow-worker"]["depends_on"]["redis"]
     path.write_text(yaml.safe_dump(compose))
 
 
@@ -808,6 +857,46 @@ BREAKAGES: list[Any] = [
         id="init-restarts-forever",
     ),
     pytest.param(pool_problems, "deploy/pools.json", _drop_pool, id="pool-missing"),
+    pytest.param(
+        coordination_problems,
+        "docker-compose.yaml",
+        (', "coordination": "growthhub_coordination"', ""),
+        id="coordination-local",
+    ),
+    pytest.param(
+        coordination_problems,
+        "docker-compose.yaml",
+        ('"coordination": "growthhub_coordination"', '"coordination": "growthhub_redis"'),
+        id="coordination-connection-undefined",
+    ),
+    pytest.param(
+        coordination_problems,
+        "docker-compose.yaml",
+        ('{"conn_type": "redis", "host": "redis"', '{"conn_type": "http", "host": "redis"'),
+        id="coordination-not-redis",
+    ),
+    pytest.param(
+        coordination_problems,
+        "docker-compose.yaml",
+        ('"host": "redis", "port": 6379', '"host": "localhost", "port": 6379'),
+        id="coordination-host-not-the-redis-service",
+    ),
+    pytest.param(coordination_problems, "docker-compose.yaml", _drop_redis, id="coordination-redis-removed"),
+    pytest.param(
+        coordination_problems,
+        "docker-compose.yaml",
+        ('"extra": {"db": 1}', '"extra": {}'),
+        id="coordination-in-the-broker-db",
+    ),
+    pytest.param(
+        coordination_problems,
+        "docker-compose.yaml",
+        ("redis://:@redis:6379/0", "redis://:@redis:6379/1"),
+        id="broker-moved-to-the-coordination-db",
+    ),
+    pytest.param(
+        coordination_problems, "docker-compose.yaml", _worker_without_redis, id="worker-without-redis"
+    ),
 ]
 
 

@@ -22,19 +22,24 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> SyncConfig:
     return parse_config(data)
 
 
+def _mapped_columns(config: SyncConfig) -> list[str]:
+    cols = config.source_columns()
+    return list(Mapper(config, cols).map([tuple(ROW.get(c) for c in cols)], "loc1").frame.columns)
+
+
 @pytest.fixture(scope="module")
 def checker(config: SyncConfig) -> QualityChecker:
-    cols = config.source_columns()
-    frame = Mapper(config, cols).map([tuple(ROW.get(c) for c in cols)], "loc1").frame
-    return QualityChecker(config, list(frame.columns))
+    return QualityChecker(config, _mapped_columns(config))
 
 
-def _failures(config: SyncConfig, checker: QualityChecker, **changes: Any) -> dict[str, str]:
+def _failures(
+    config: SyncConfig, checker: QualityChecker, run_name: str = "test_checks", **changes: Any
+) -> dict[str, str]:
     cols = config.source_columns()
     good = {**ROW, "source": "active"}
     rows = [tuple(good.get(c) for c in cols), tuple({**good, **changes}.get(c) for c in cols)]
     batch = Mapper(config, cols).map(rows, "loc1")
-    result = checker.validate(batch.frame, batch.reasons, "test_checks")
+    result = checker.validate(batch.frame, batch.reasons, run_name)
     assert 0 not in result.failures, "the good row must pass"
     return result.failures.get(1, {})
 
@@ -76,3 +81,33 @@ def test_results_are_kept_as_json_and_rendered_as_data_docs(
     assert (docs / "index.html").exists()
     assert list(Path(config.quality.results_dir).rglob("*.json"))
     assert list((docs / "validations").rglob("*.html"))
+
+
+def _with_folders(config: SyncConfig, results_dir: str, data_docs_dir: str) -> SyncConfig:
+    data = config.model_dump(by_alias=True, exclude_none=True)
+    data["quality"].update(results_dir=results_dir, data_docs_dir=data_docs_dir)
+    return parse_config(data)
+
+
+def test_data_docs_render_the_results_every_worker_wrote_to_a_shared_folder(
+    config: SyncConfig, tmp_path: Path
+) -> None:
+    # Celery: batches validate in separate processes (a GX context each); finalize renders them all
+    shared = _with_folders(config, str(tmp_path / "results"), str(tmp_path / "docs"))
+    for batch in ("batch0", "batch1"):
+        _failures(shared, QualityChecker(shared, _mapped_columns(shared)), f"run1__{batch}", email="ann@")
+    QualityChecker(shared, _mapped_columns(shared)).build_data_docs("run1__")
+    # validations/<suite>/<run name>/<run time>/<asset>.html
+    runs = {page.parts[-3] for page in (tmp_path / "docs" / "validations").rglob("*.html")}
+    assert runs == {"run1__batch0", "run1__batch1"}
+
+
+def test_relative_folders_are_under_the_working_directory(
+    config: SyncConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    relative = _with_folders(config, "gx/results", "gx/docs")
+    worker = QualityChecker(relative, _mapped_columns(relative))
+    _failures(relative, worker, email="ann@")
+    assert worker.build_data_docs() == (tmp_path / "gx" / "docs" / "index.html").as_uri()
+    assert list((tmp_path / "gx" / "results").rglob("*.json"))

@@ -74,6 +74,8 @@ class TestLoadConfig:
             ("quality.errors", ["email", "spelling"], "quality.errors.1"),
             ("quality.default_region", "XX", "quality.default_region"),
             ("quality.reject_rate_threshold", 2, "quality.reject_rate_threshold"),
+            ("quality.results_dir", "s3://bucket/gx/validations", "quality.results_dir"),
+            ("quality.data_docs_dir", "gs://bucket/gx/data_docs", "quality.data_docs_dir"),
             ("mapping.tags.format", "json", "mapping.tags.format"),
             ("mapping.null_policy", "wipe", "mapping.null_policy"),
             ("mapping.custom_fields", [{"key": "a", "id": "b", "column": "c"}], "mapping.custom_fields.0"),
@@ -105,6 +107,16 @@ class TestLoadConfig:
     def test_unknown_location_names_the_known_ones(self) -> None:
         with pytest.raises(ConfigError, match="known: \\['default'\\]"):
             load_config().location("emea")
+
+    @pytest.mark.parametrize("url", ["s3://bucket/gx", "gs://bucket/gx", "abfs://container@account/gx"])
+    def test_gx_folder_refuses_an_object_store_naming_the_shared_volume_way(self, url: str) -> None:
+        # GX Core 1.x has no S3/GCS/Azure store backend; as a path, the URL would be a local folder
+        with pytest.raises(ConfigError, match="absolute path of a volume every worker mounts"):
+            parse_config(_with("quality.results_dir", url))
+
+    @pytest.mark.parametrize("folder", ["var/gx/validations", "/mnt/shared/gx/validations"])
+    def test_gx_folder_is_a_relative_or_absolute_path(self, folder: str) -> None:
+        assert parse_config(_with("quality.results_dir", folder)).quality.results_dir == folder
 
     def test_field_accepts_column_with_null_policy(self) -> None:
         cfg = parse_config(_with("mapping.fields.city", {"column": "city", "on_null": "clear"}))
