@@ -867,8 +867,14 @@ def _window(window: Window | Mapping[str, Any] | None, full_refresh: bool) -> Wi
 
 
 def _require_connection(location: LocationConfig) -> None:
-    """Fail the plan, naming the key, when the location's Airflow connection is not defined."""
+    """
+    Fail the plan, naming the key, when the location's Airflow connection is not defined or its
+    settings (TLS, coordination) are wrong: before any batch starts, not in every one of them.
+    """
     from airflow.sdk import BaseHook
+
+    from growthhub_provider.client import GrowthHubConfigError
+    from growthhub_provider.hooks.growthhub import GrowthHubHook
 
     try:
         BaseHook.get_connection(location.conn_id)
@@ -877,6 +883,10 @@ def _require_connection(location: LocationConfig) -> None:
             f"locations[{location.name}].conn_id: Airflow connection {location.conn_id!r} is not defined "
             f"({type(exc).__name__})"
         ) from None
+    try:
+        GrowthHubHook(growthhub_conn_id=location.conn_id).coordination  # noqa: B018 - resolves it
+    except GrowthHubConfigError as exc:
+        raise ConfigError(f"locations[{location.name}].conn_id: {exc}") from None
 
 
 def plan_sync(

@@ -175,6 +175,39 @@ def test_undefined_growthhub_connection_fails_at_plan_naming_it(
         plan_sync(cfg, "default", None, engine=sqlite_wh.engine, options=OPTS)
 
 
+@pytest.mark.parametrize(
+    ("coordination", "match"),
+    [
+        ("redis_nope", r"coordination='redis_nope' is neither 'local' nor the id of a connection"),
+        ("warehouse_pg", r"coordination='warehouse_pg' names a connection of type 'postgres'"),
+    ],
+)
+def test_coordination_naming_no_redis_connection_fails_at_plan_naming_the_location(
+    sqlite_wh: Warehouse,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    coordination: str,
+    match: str,
+) -> None:
+    monkeypatch.delenv("AIRFLOW_CONN_REDIS_NOPE", raising=False)
+    monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE_PG", json.dumps({"conn_type": "postgres", "host": "db"}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_GROWTHHUB_COORDINATED",
+        json.dumps(
+            {
+                "conn_type": "growthhub",
+                "host": "http://127.0.0.1:9",
+                "password": "pit-unused",
+                "extra": {"location_id": "loc1", "coordination": coordination},
+            }
+        ),
+    )
+    seed_demo(sqlite_wh.engine, 5)
+    cfg = parse_config(_set(_data(sqlite_wh, tmp_path), "locations.0.conn_id", "growthhub_coordinated"))
+    with pytest.raises(ConfigError, match=rf"locations\[default\]\.conn_id: .*{match}"):
+        plan_sync(cfg, "default", None, engine=sqlite_wh.engine, options=OPTS)
+
+
 def test_undefined_growthhub_connection_fails_the_sync_naming_it_before_any_row_is_recorded(
     sqlite_wh: Warehouse, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -573,20 +573,13 @@ class GrowthHubClient:
             return UpsertOutcome(
                 row.key, "rejected", http_status=e.status, messages=e.messages, attempts=attempts
             )
-        except GrowthHubTransientError as e:
+        except (GrowthHubTransientError, GrowthHubBadResponse) as e:
+            what = "unusable response: " if isinstance(e, GrowthHubBadResponse) else ""
             return UpsertOutcome(
                 row.key,
                 "failed",
                 http_status=e.status,
-                messages=[f"{e.status}: {e.message}"],
-                attempts=attempts,
-            )
-        except GrowthHubBadResponse as e:
-            return UpsertOutcome(
-                row.key,
-                "failed",
-                http_status=e.status,
-                messages=[f"{e.status}: unusable response: {e.message}"],
+                messages=[f"{e.status}: {what}{e.message}"],
                 attempts=attempts,
             )
         except (requests.RequestException, GrowthHubNotFound) as e:

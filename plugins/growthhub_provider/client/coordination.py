@@ -92,6 +92,22 @@ class TokenState:
     access_token: str | None = None
     expires_at: float | None = None
 
+    def stored(self, seed: str) -> dict[str, object]:
+        """How stores keep it: as JSON, with the fingerprint of the seed it descends from."""
+        return {"seed_sha256": fingerprint(seed), **asdict(self)}
+
+    @classmethod
+    def from_stored(cls, stored: dict[str, object], seed: str) -> TokenState | None:
+        """The state kept by :meth:`stored`, or ``None`` when it descends from another seed."""
+        if stored.get("seed_sha256") != fingerprint(seed) or not stored.get("refresh_token"):
+            return None
+        expires_at = stored.get("expires_at")
+        return cls(
+            refresh_token=str(stored["refresh_token"]),
+            access_token=str(stored["access_token"]) if stored.get("access_token") else None,
+            expires_at=float(expires_at) if isinstance(expires_at, int | float) else None,
+        )
+
 
 class TokenStore(Protocol):
     """
@@ -166,19 +182,11 @@ class FileTokenStore:
             return {}
 
     def load(self, seed: str) -> TokenState | None:
-        stored = self._read().get(self.key, {})
-        if stored.get("seed_sha256") != fingerprint(seed) or not stored.get("refresh_token"):
-            return None
-        expires_at = stored.get("expires_at")
-        return TokenState(
-            refresh_token=str(stored["refresh_token"]),
-            access_token=str(stored["access_token"]) if stored.get("access_token") else None,
-            expires_at=float(expires_at) if isinstance(expires_at, int | float) else None,
-        )
+        return TokenState.from_stored(self._read().get(self.key, {}), seed)
 
     def save(self, seed: str, state: TokenState) -> None:
         data = self._read()
-        data[self.key] = {"seed_sha256": fingerprint(seed), **asdict(state)}
+        data[self.key] = state.stored(seed)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

@@ -19,7 +19,6 @@ import secrets
 import threading
 import time
 from collections import deque
-from dataclasses import asdict
 from typing import TYPE_CHECKING, Any, Final
 
 import redis
@@ -27,7 +26,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisError
 from redis.retry import Retry
 
-from growthhub_provider.client.coordination import LimitSettings, TokenState, fingerprint
+from growthhub_provider.client.coordination import LimitSettings, TokenState
 from growthhub_provider.client.errors import CoordinationError
 from growthhub_provider.client.limiter import int_header
 
@@ -317,21 +316,11 @@ class RedisTokenStore:
         """The stored state descended from ``seed``, or ``None`` (none yet, or an admin re-authorised)."""
         with self._redis.errors("loading the OAuth token state"):
             raw = self._redis.client.get(self.key)
-        if raw is None:
-            return None
-        stored = json.loads(raw)
-        if stored.get("seed_sha256") != fingerprint(seed) or not stored.get("refresh_token"):
-            return None
-        expires_at = stored.get("expires_at")
-        return TokenState(
-            refresh_token=str(stored["refresh_token"]),
-            access_token=str(stored["access_token"]) if stored.get("access_token") else None,
-            expires_at=float(expires_at) if isinstance(expires_at, int | float) else None,
-        )
+        return None if raw is None else TokenState.from_stored(json.loads(raw), seed)
 
     def save(self, seed: str, state: TokenState) -> None:
         """Keep the state a refresh just produced (the previous refresh token is spent)."""
-        value = json.dumps({"seed_sha256": fingerprint(seed), **asdict(state)})
+        value = json.dumps(state.stored(seed))
         with self._redis.errors("saving the OAuth token state"):
             self._redis.client.set(self.key, value, ex=TOKEN_TTL_S)
 
