@@ -233,6 +233,10 @@ class RedisRateLimiter:
         # Which leases this instance holds; release() gives back the oldest (any lease counts the same).
         self._leases: deque[str] = deque()
         self._leases_lock = threading.Lock()
+        # One thread of this process asks Redis for a slot at a time; the others queue here. When the
+        # window is full, 64 threads polling would all wake at the same instant for the one slot
+        # that frees (measured: 26 Redis calls per request with one process, 84 with four).
+        self._turn = threading.Lock()
 
     @property
     def daily_remaining(self) -> int | None:
@@ -262,16 +266,17 @@ class RedisRateLimiter:
             "" if daily_reserve is None else daily_reserve,
             self._lease_ms,
         ]
-        while True:
-            with self._redis.errors("taking a request slot"):
-                status, wait_ms = self._acquire(keys=self._keys, args=args)
-            if status == _STATUS_OK:
-                with self._leases_lock:
-                    self._leases.append(lease)
-                return True
-            if status == _STATUS_REFUSED:
-                return False
-            time.sleep(min(int(wait_ms) / 1000, MAX_WAIT_S))
+        with self._turn:
+            while True:
+                with self._redis.errors("taking a request slot"):
+                    status, wait_ms = self._acquire(keys=self._keys, args=args)
+                if status == _STATUS_OK:
+                    with self._leases_lock:
+                        self._leases.append(lease)
+                    return True
+                if status == _STATUS_REFUSED:
+                    return False
+                time.sleep(min(int(wait_ms) / 1000, MAX_WAIT_S))
 
     def release(self, headers: Mapping[str, str] | None = None, *, throttled: bool = False) -> None:
         """
