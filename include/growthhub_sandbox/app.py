@@ -6,8 +6,9 @@ Checks on a public request, in this order (each one answers before the next runs
 2. Bearer token missing, unknown or expired → 401 (the real API's exact body).
 3. Token lacks the scope → 403; for an upsert, a body whose ``locationId`` is another
    location's → 403. 403s carry the rate-limit headers but do not count against the limit.
-4. Rate limit of (location, token) → 429. From here on every response carries the
-   ``X-RateLimit-*`` headers and counts against the limit.
+4. Rate limit of (location, app) → 429, the app being the token's OAuth client, else the token
+   itself (``Token.rate_key``). From here on every response carries the ``X-RateLimit-*``
+   headers and counts against the limit.
 5. Injected faults (``PUT /_sandbox/faults``; ``/contacts/*`` only): forced 429 storm,
    latency, then with ``phase="before"`` a 5xx / timeout / dropped connection *instead of*
    the request.
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -49,7 +50,7 @@ from growthhub_sandbox.models import (
     UpsertContactResponse,
     ValidationErrorBody,
 )
-from growthhub_sandbox.store import Store
+from growthhub_sandbox.store import TICK_MS, Store
 from growthhub_sandbox.traffic import Fault, FaultInjector, RateLimiter, storm_headers
 from growthhub_sandbox.validation import validate_upsert
 
@@ -79,6 +80,9 @@ REASONS = {
     502: "Bad Gateway",
     503: "Service Unavailable",
 }
+UPSERT_PATH = "/contacts/upsert"
+UPSERT = f"POST {UPSERT_PATH}"
+GET_CONTACT = "GET /contacts/{contactId}"
 _DROP = "growthhub_sandbox.drop"
 _NOT_JSON = object()
 _JSON = "application/json"
@@ -259,13 +263,13 @@ def create_app(settings: Settings | None = None) -> SandboxApp:
             return _json(401, UNAUTHORIZED)
         limits = store.rate_limit_of(token.location_id) or settings.rate_limit
         if not scopes & token.scopes:
-            peeked = limiter.peek((token.location_id, token.token), limits)
+            peeked = limiter.peek(token.rate_key, limits)
             return _error(403, "The token is not authorized for this scope.", peeked)
         return token, limits
 
     async def admit(token: Token, limits: RateLimitConfig) -> Reply | tuple[Fault | None, dict[str, str]]:
         """Steps 4-5: rate limit, then storm / latency / fault decision."""
-        allowed, headers = limiter.hit((token.location_id, token.token), limits)
+        allowed, headers = limiter.hit(token.rate_key, limits)
         if not allowed:
             return _error(429, TOO_MANY, headers)
         store.location_totals[token.location_id]["requests"] += 1
@@ -291,13 +295,18 @@ def create_app(settings: Settings | None = None) -> SandboxApp:
         if isinstance(auth, Reply):
             return auth
         token, limits = auth
+        reply = await upsert_as(token, limits, raw_body)
+        store.record_answer(token.location_id, UPSERT, "dropped" if reply.drop else str(reply.status))
+        return reply
+
+    async def upsert_as(token: Token, limits: RateLimitConfig, raw_body: bytes) -> Reply:
         try:
             body: Any = json.loads(raw_body)
         except ValueError:
             body = _NOT_JSON
         location_id = body.get("locationId") if isinstance(body, dict) else None
         if isinstance(location_id, str) and location_id and location_id != token.location_id:
-            peeked = limiter.peek((token.location_id, token.token), limits)
+            peeked = limiter.peek(token.rate_key, limits)
             return _error(403, "The token does not have access to this location.", peeked)
         admitted = await admit(token, limits)
         if isinstance(admitted, Reply):
@@ -322,7 +331,7 @@ def create_app(settings: Settings | None = None) -> SandboxApp:
             return await inject(fault, limit_headers)
         return _json(200, {"new": new, "contact": contact, "traceId": store.new_trace_id()}, limit_headers)
 
-    app.fast_routes = {("POST", "/contacts/upsert"): upsert}
+    app.fast_routes = {("POST", UPSERT_PATH): upsert}
 
     def public(summary: str, ok_model: type, *statuses: int, **extra: Any) -> dict[str, Any]:
         openapi_extra = {"security": [{"bearerAuth": []}], "parameters": [version_param], **extra}
@@ -379,16 +388,21 @@ def create_app(settings: Settings | None = None) -> SandboxApp:
         if isinstance(auth, Reply):
             return auth.response(request.scope)
         token, limits = auth
+        reply = await read_contact(token, limits, request.path_params["contactId"])
+        store.record_answer(token.location_id, GET_CONTACT, "dropped" if reply.drop else str(reply.status))
+        return reply.response(request.scope)
+
+    async def read_contact(token: Token, limits: RateLimitConfig, contact_id: str) -> Reply:
         admitted = await admit(token, limits)
         if isinstance(admitted, Reply):
-            return admitted.response(request.scope)
+            return admitted
         fault, headers = admitted
         if fault is not None:
-            return (await inject(fault, headers)).response(request.scope)
-        contact = store.get_contact(token.location_id, request.path_params["contactId"])
+            return await inject(fault, headers)
+        contact = store.get_contact(token.location_id, contact_id)
         if contact is None:
-            return _error(404, "Contact not found", headers).response()
-        return _json(200, {"contact": contact}, headers).response()
+            return _error(404, "Contact not found", headers)
+        return _json(200, {"contact": contact}, headers)
 
     @app.post(
         "/oauth/token",
@@ -476,6 +490,20 @@ def create_app(settings: Settings | None = None) -> SandboxApp:
     @app.get("/_sandbox/stats", include_in_schema=False)
     async def stats() -> dict[str, Any]:
         return {**store.stats(), "faults": dict(faults.counts)}
+
+    @app.get("/_sandbox/locations/{location_id}/timeline", include_in_schema=False)
+    async def location_timeline(
+        location_id: str,
+        bucket_ms: int = Query(1000, alias="bucketMs"),
+        endpoint: str | None = None,
+    ) -> Response:
+        """Answers to the location's authenticated requests per time bucket, by status."""
+        if bucket_ms < TICK_MS or bucket_ms % TICK_MS:
+            return _error(400, f"bucketMs must be a positive multiple of {TICK_MS}").response()
+        if endpoint is not None and endpoint not in (UPSERT, GET_CONTACT):
+            return _error(400, f"endpoint must be {UPSERT!r} or {GET_CONTACT!r}").response()
+        buckets = store.timeline(location_id, bucket_ms // TICK_MS, endpoint)
+        return _json(200, {"locationId": location_id, "bucketMs": bucket_ms, "buckets": buckets}).response()
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

@@ -22,6 +22,8 @@ from typing import Any
 from growthhub_sandbox.models import LocationConfig, RateLimitConfig, SandboxConfig, TokenConfig
 
 ACCESS_TOKEN_LIFETIME = 86_399  # seconds, like the real API ("about a day")
+TICK_MS = 100
+"""Resolution of the per-location answer timeline (``Store.record_answer``)."""
 _ID_ALPHABET = string.ascii_letters + string.digits
 _CONTACT_FIELDS = (
     "name",
@@ -116,6 +118,17 @@ class Token:
     location_id: str
     scopes: frozenset[str]
     expires_at: float | None  # wall-clock epoch seconds
+    client_id: str | None = None  # the OAuth app (client) it was issued to; None: a static token
+
+    @property
+    def rate_key(self) -> tuple[str, str]:
+        """What the rate limit counts against: the app on this location, else the token itself.
+
+        GrowthHub limits per app and location, so every access token of one OAuth client (each
+        refresh issues a new one) shares one window; a static Private Integration token has its own.
+        """
+        app = f"app:{self.client_id}" if self.client_id else f"token:{self.token}"
+        return self.location_id, app
 
     def as_record(self) -> dict[str, Any]:
         return {
@@ -123,6 +136,7 @@ class Token:
             "locationId": self.location_id,
             "scopes": sorted(self.scopes),
             "expiresAt": self.expires_at,
+            "clientId": self.client_id,
         }
 
 
@@ -171,6 +185,10 @@ class Store:
         self.refresh_grants: dict[str, RefreshGrant] = {}
         self.requests: defaultdict[str, Counter[str]] = defaultdict(Counter)
         self.location_totals: defaultdict[str, Counter[str]] = defaultdict(Counter)
+        # location -> tick (wall clock // TICK_MS) -> answers by (endpoint, status)
+        self._timeline: defaultdict[str, defaultdict[int, Counter[tuple[str, str]]]] = defaultdict(
+            lambda: defaultdict(Counter)
+        )
         self._rng = random.Random(seed)
         if self._db is not None and self._load():
             return
@@ -185,6 +203,7 @@ class Store:
             self.refresh_grants.clear()
             self.requests.clear()
             self.location_totals.clear()
+            self._timeline.clear()
             self._rng = random.Random(self._seed)
             if self._db is not None:
                 self._db.execute("DELETE FROM state")
@@ -211,7 +230,9 @@ class Store:
             if config.locationId not in self.locations:
                 raise KeyError(config.locationId)
             expires_at = time.time() + config.expiresIn if config.expiresIn is not None else None
-            token = Token(config.token, config.locationId, frozenset(config.scopes), expires_at)
+            token = Token(
+                config.token, config.locationId, frozenset(config.scopes), expires_at, config.clientId
+            )
             self.tokens[token.token] = token
             self._persist("token", token.token, token.as_record())
             if config.refreshToken:
@@ -369,6 +390,30 @@ class Store:
                 },
             }
 
+    def record_answer(self, location_id: str, endpoint: str, status: str) -> None:
+        """Count one answer to an authenticated request of the location, at the current time."""
+        tick = int(time.time() * 1000) // TICK_MS
+        self._timeline[location_id][tick][(endpoint, status)] += 1
+
+    def timeline(self, location_id: str, ticks: int, endpoint: str | None = None) -> list[dict[str, Any]]:
+        """Answers per ``ticks * TICK_MS`` ms bucket (only buckets with answers), oldest first.
+
+        Each bucket is ``{"start": epoch seconds, "answers": {status: count}}``; ``endpoint``
+        (``"POST /contacts/upsert"`` ...) keeps that endpoint's answers only.
+        """
+        with self._lock:
+            per_tick = dict(self._timeline.get(location_id, {}))
+        buckets: dict[int, Counter[str]] = defaultdict(Counter)
+        for tick, answers in per_tick.items():
+            for (answered, status), n in list(answers.items()):
+                if endpoint is None or answered == endpoint:
+                    buckets[tick // ticks][status] += n
+        return [
+            {"start": round(b * ticks * TICK_MS / 1000, 3), "answers": dict(buckets[b])}
+            for b in sorted(buckets)
+            if buckets[b]
+        ]
+
     def _new_id(self) -> str:
         # the seeded generator restarts with the server: skip ids a --state file already holds
         while True:
@@ -401,7 +446,11 @@ class Store:
                 self.locations[key] = Location(key, LocationConfig.model_validate(record))
             elif kind == "token":
                 self.tokens[key] = Token(
-                    key, record["locationId"], frozenset(record["scopes"]), record["expiresAt"]
+                    key,
+                    record["locationId"],
+                    frozenset(record["scopes"]),
+                    record["expiresAt"],
+                    record.get("clientId"),  # absent in state files written before it was kept
                 )
             elif kind == "refresh":
                 self.refresh_grants[key] = RefreshGrant(

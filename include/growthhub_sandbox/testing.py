@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import requests
 
@@ -167,6 +168,13 @@ class SandboxAdmin:
 
     def stats(self) -> dict[str, Any]:
         return self._call("GET", "/stats")
+
+    def timeline(
+        self, location_id: str, *, bucket_ms: int = 1000, endpoint: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Answers to the location's authenticated requests per bucket: ``[{"start", "answers"}]``."""
+        query = f"?bucketMs={bucket_ms}" + (f"&endpoint={quote(endpoint)}" if endpoint else "")
+        return self._call("GET", f"/locations/{location_id}/timeline{query}")["buckets"]
 
     def close(self) -> None:
         self.session.close()

@@ -14,7 +14,8 @@ from growthhub_sandbox.models import FaultConfig, RateLimitConfig
 class RateLimiter:
     """Fixed burst window (starting at a bucket's first request) plus a UTC-day counter.
 
-    Buckets are keyed by (location, token), as the real API limits per app and location.
+    Buckets are keyed by ``Token.rate_key``: (location, app), as the real API limits per app
+    (OAuth client) and location; a static token without a client counts as an app of its own.
     """
 
     def __init__(self) -> None:

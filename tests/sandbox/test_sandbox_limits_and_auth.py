@@ -68,12 +68,81 @@ class TestRateLimits:
         assert response.status_code == 429
         assert headers_of(response)["X-RateLimit-Daily-Remaining"] == 0
 
-    def test_limits_are_per_token(self, api, sandbox):
+    def test_static_tokens_have_a_window_each(self, api, sandbox):
         limit(sandbox, api, burst=1)
         sandbox.add_token(token="tok-second", locationId=api.location)
         assert api.upsert({"email": "a@example.com"}).status_code == 200
         assert api.upsert({"email": "a@example.com"}).status_code == 429
         assert api.upsert({"email": "a@example.com"}, token="tok-second").status_code == 200
+
+    def test_access_tokens_of_one_oauth_client_share_the_locations_window(self, api, sandbox):
+        """GrowthHub limits per app and location: a refresh (a new access token) starts no new window."""
+        limit(sandbox, api, burst=2)
+        for token in ("tok-app-1", "tok-app-2"):
+            sandbox.add_token(token=token, locationId=api.location, clientId="client-a", clientSecret="s")
+        sandbox.add_token(
+            token="tok-other-app", locationId=api.location, clientId="client-b", clientSecret="s"
+        )
+        assert api.upsert({"email": "a@example.com"}, token="tok-app-1").status_code == 200
+        second = api.upsert({"email": "a@example.com"}, token="tok-app-2")
+        assert (second.status_code, headers_of(second)["X-RateLimit-Remaining"]) == (200, 0)
+        assert api.upsert({"email": "a@example.com"}, token="tok-app-1").status_code == 429
+        assert api.upsert({"email": "a@example.com"}, token="tok-app-2").status_code == 429
+        # another app, and a static token, on the same location: windows of their own
+        assert api.upsert({"email": "a@example.com"}, token="tok-other-app").status_code == 200
+        assert api.upsert({"email": "a@example.com"}).status_code == 200
+        # and the same app on another location
+        sandbox.put_location(api.other_location, rateLimit={"burst": 2, "intervalMs": 60_000, "daily": 1000})
+        sandbox.add_token(token="tok-app-elsewhere", locationId=api.other_location, clientId="client-a")
+        other = {"email": "a@example.com", "locationId": api.other_location}
+        assert api.upsert(other, token="tok-app-elsewhere").status_code == 200
+
+    def test_a_refreshed_access_token_keeps_its_grants_window(self, api, sandbox):
+        limit(sandbox, api, burst=2)
+        sandbox.add_token(
+            token="tok-before",
+            locationId=api.location,
+            refreshToken="rt-window",
+            clientId="client-w",
+            clientSecret="secret-w",
+        )
+        assert api.upsert({"email": "a@example.com"}, token="tok-before").status_code == 200
+        form = {"client_id": "client-w", "client_secret": "secret-w", "refresh_token": "rt-window"}
+        body = api.oauth(grant_type="refresh_token", user_type="Location", **form).json()
+        assert api.upsert({"email": "a@example.com"}, token=body["access_token"]).status_code == 200
+        assert api.upsert({"email": "a@example.com"}, token=body["access_token"]).status_code == 429
+        assert api.upsert({"email": "a@example.com"}, token="tok-before").status_code == 429
+
+    def test_timeline_counts_answers_per_location_and_bucket(self, api, sandbox):
+        # locations of their own: a request of an earlier test still hanging on a fault would
+        # be answered (and counted) on the shared test locations after the reset
+        here, there = "loc-timeline", "loc-timeline-other"
+        sandbox.put_location(here, rateLimit={"burst": 2, "intervalMs": 60_000, "daily": 1000})
+        sandbox.add_token(token="tok-timeline", locationId=here)
+        sandbox.put_location(there)
+        sandbox.add_token(token="tok-timeline-other", locationId=there)
+        body = {"locationId": here}
+        before = time.time()
+        statuses = [
+            api.upsert({**body, "email": f"{i}@example.com"}, token="tok-timeline").status_code
+            for i in range(3)
+        ]
+        api.contact("nope", token="tok-timeline")
+        assert api.upsert({**body, "email": "a@example.com"}, token="tok-timeline-other").status_code == 403
+        after = time.time()
+        assert statuses == [200, 200, 429]
+        upserts = sandbox.timeline(here, bucket_ms=100, endpoint="POST /contacts/upsert")
+        assert all(before - 0.1 <= b["start"] <= after for b in upserts)
+        total: dict[str, int] = {}
+        for bucket in upserts:
+            for status, n in bucket["answers"].items():
+                total[status] = total.get(status, 0) + n
+        assert total == {"200": 2, "429": 1}
+        everything = sandbox.timeline(here, bucket_ms=60_000)
+        assert sum(sum(b["answers"].values()) for b in everything) == 4  # the GET's 429 too
+        assert sandbox.timeline(there) == [{"start": pytest.approx(before, abs=60), "answers": {"403": 1}}]
+        sandbox.reset()
+        assert sandbox.timeline(here) == []
 
     def test_get_contact_counts_too(self, api, sandbox):
         limit(sandbox, api, burst=1)
