@@ -430,6 +430,9 @@ class GrowthHubClient:
         if not limiter.acquire(daily_reserve):
             raise _DailyQuotaReached
         try:
+            # After the wait for a slot, not before it: the wait can outlast a short-lived token,
+            # and a request sent with an expired one wastes its slot on a 401.
+            self._ensure_access_token()
             response = session.request(method, self.url(endpoint), json=body, timeout=self.config.timeout)
             problem = read_body(response)
         except BaseException:
@@ -456,7 +459,6 @@ class GrowthHubClient:
         if self._auth_failure:
             raise GrowthHubAuthError(self._auth_failure)
         try:
-            self._ensure_access_token()
             response = self._send(method, endpoint, body, daily_reserve)
             if response.status_code == 401 and self.config.oauth:
                 used = str(response.request.headers.get("Authorization", "")).removeprefix("Bearer ")
