@@ -51,7 +51,6 @@ Redis of ``GROWTHHUB_TEST_REDIS_URL``, default 127.0.0.1:6379: databases 5 and 6
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -68,6 +67,7 @@ from typing import Any
 import pytest
 import yaml
 from celery_stack import CeleryStack, celery_stack, pids_titled, proc_alive
+from retry_timing import SYNC_TASK, quick_retry_logical_date, retry_jitter_s
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import Engine
 
@@ -103,7 +103,6 @@ MIN_REFRESHES = 5
 KILL_AFTER_SHARE = 0.2
 """Kill a worker once the second run's accepted upserts reach this share of its changed rows."""
 LOCATION_ID = "demo-location"  # the sandbox's startup location (custom field lifetime_value)
-SYNC_TASK = "location_default.sync"
 CLIENT_ID = "e2e-celery-client"
 CLIENT_SECRET = "e2e-celery-secret"  # the sandbox's fake OAuth client
 SEED_REFRESH = f"e2e-celery-refresh-{secrets.token_hex(4)}"  # no token state of an earlier run matches
@@ -134,22 +133,6 @@ def growthhub_conn() -> dict[str, Any]:
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-
-
-def retry_jitter_s(logical_date: datetime) -> int:
-    """Seconds Airflow adds to the 60 s ``retry_delay`` of try 1 of the sync task (see test_worker_kill)."""
-    forms = (str(logical_date), logical_date.isoformat())
-    return max(
-        int(hashlib.sha1(f"{SYNC_DAG_ID}#{SYNC_TASK}#{d}#1".encode(), usedforsecurity=False).hexdigest(), 16)
-        % 60
-        for d in forms
-    )
-
-
-def quick_retry_logical_date() -> datetime:
-    """A past logical date whose sync task instances are retried ~60 s after failing, not up to 119 s."""
-    first = datetime(2026, 2, 1, tzinfo=UTC)
-    return min((first + timedelta(hours=i) for i in range(5000)), key=lambda d: (retry_jitter_s(d), d))
 
 
 def answered(sandbox: SandboxAdmin, endpoint: str) -> Counter[str]:
@@ -519,7 +502,7 @@ def test_a_killed_worker_is_noticed_and_the_run_converges_on_the_other(
     )
     upserts_before, oauth_before = answered(stack.admin, UPSERT), answered(stack.admin, OAUTH)
     run_id = f"celery_kill_{secrets.token_hex(3)}"
-    logical_date = quick_retry_logical_date()
+    logical_date = quick_retry_logical_date(datetime(2026, 2, 1, tzinfo=UTC))
     began = time.monotonic()
     stack.airflow.cli(
         "dags",

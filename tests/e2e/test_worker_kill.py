@@ -27,7 +27,6 @@ Reference: the same rows in a fresh schema synced undisturbed by the CLI into th
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import secrets
@@ -43,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 import yaml
+from retry_timing import SYNC_TASK, quick_retry_logical_date
 from sqlalchemy import create_engine, func, inspect, select, text
 
 from growthhub_sync import state
@@ -59,7 +59,6 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 LOCATION_ID = "demo-location"  # conftest: the sandbox's startup location, the config's only one
-SYNC_TASK = "location_default.sync"
 ROWS = 3000
 BATCH_SIZE = 2000
 """Two mapped sync tasks: keys 1-2000 (map index 0, the one killed) and 2001-3000 (map index 1)."""
@@ -79,29 +78,6 @@ def demo_rows(now: datetime) -> list[tuple[Any, ...]]:
     """``ROWS`` demo rows (~3 % bad on purpose, some sharing an email/phone), updated 30 h to 6 h ago."""
     start = now.replace(minute=0, second=0, microsecond=0) - timedelta(hours=30)
     return list(generate(ROWS, seed=SEED, start=start, span=timedelta(hours=24)))
-
-
-def retry_jitter_s(logical_date: datetime) -> int:
-    """Extra seconds over the 60 s ``retry_delay`` Airflow adds to try 1's retry of the sync task.
-
-    ``TaskInstance.next_retry_datetime`` with exponential backoff waits ``60 + h % 60`` s, ``h``
-    a SHA-1 of ``dag_id#task_id#logical_date#try_number`` (deterministic per task instance). The
-    worst of both string forms of the date is taken; if Airflow changes the formula the test only
-    waits longer (up to 2 min).
-    """
-    forms = (str(logical_date), logical_date.isoformat())
-    return max(
-        int(hashlib.sha1(f"{SYNC_DAG_ID}#{SYNC_TASK}#{d}#1".encode(), usedforsecurity=False).hexdigest(), 16)
-        % 60
-        for d in forms
-    )
-
-
-def quick_retry_logical_date() -> datetime:
-    """A past logical date for which Airflow retries the sync task after ~60 s, not up to 119 s."""
-    first = datetime(2026, 1, 2, tzinfo=UTC)
-    candidates = (first + timedelta(hours=i) for i in range(5000))
-    return min(candidates, key=lambda d: (retry_jitter_s(d), d))
 
 
 def proc_stat(pid: int) -> tuple[str, int, int]:
@@ -239,7 +215,7 @@ def test_sync_task_process_sigkilled_mid_batch_is_retried_by_airflow_and_converg
     # -- disturbed: a manual run; its task process is SIGKILLed mid-batch ---------------------
     sandbox.set_faults(latency_ms=LATENCY_MS)
     run_id = f"worker_kill_{secrets.token_hex(4)}"
-    logical_date = quick_retry_logical_date()
+    logical_date = quick_retry_logical_date(datetime(2026, 1, 2, tzinfo=UTC))
     # a manual run's data interval is the last complete hour before now: widen it back over the rows
     lookback = 48 * 60  # rows are 6-30 h old; 48 h covers them whichever hour the run gets
     airflow_stack.cli(
