@@ -15,7 +15,8 @@ from sqlalchemy import create_engine
 
 from growthhub_sync.config import load_config
 from growthhub_sync.demo import seed_demo
-from growthhub_sync.pipeline import SyncOptions, get_engine, replay_quarantine, sync
+from growthhub_sync.pipeline import SyncOptions, replay_quarantine, sync
+from growthhub_sync.warehouse import get_engine
 
 
 def main(argv: list[str] | None = None) -> None:

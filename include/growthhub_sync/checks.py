@@ -213,3 +213,26 @@ def _site(folder: str) -> dict[str, Any]:
         "store_backend": _folder_backend(folder),
         "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
     }
+
+
+_CHECKERS: dict[tuple[str, tuple[str, ...], bool], QualityChecker] = {}
+
+
+def checker_for(config: SyncConfig, columns: tuple[str, ...], keep_results: bool) -> QualityChecker:
+    """One GX context per process and config: building it costs as much as validating ~50k rows."""
+    key = (config.model_dump_json(), columns, keep_results)
+    if key not in _CHECKERS:
+        _CHECKERS[key] = QualityChecker(config, columns, keep_results=keep_results)
+    return _CHECKERS[key]
+
+
+def check_columns(config: SyncConfig) -> list[str]:
+    """The check columns the mapper produces for ``config`` (finalize's key into :func:`checker_for`)."""
+    from datetime import UTC, datetime
+
+    from growthhub_sync.mapping import Mapper
+
+    cols = config.source_columns()
+    row: list[Any] = [None] * len(cols)
+    row[cols.index(config.source.updated_at_column)] = datetime.now(UTC)
+    return list(Mapper(config, cols).map([row], "x").frame.columns)

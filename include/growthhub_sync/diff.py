@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from hashlib import blake2b
 from typing import Any
-
-from growthhub_sync.extract import Narrow
 
 
 def canonical_json(payload: Mapping[str, Any]) -> bytes:
@@ -36,27 +35,33 @@ def source_hashes(digests: Sequence[Any], salt: str) -> list[str]:
     return [blake2b(prefix + str(d).encode(), digest_size=16).hexdigest() for d in digests]
 
 
-def sorted_by_source(
+@dataclass
+class Triage:
+    """A chunk's narrow rows (:class:`NarrowRow`), sorted by source hash into row indexes."""
+
+    settled: list[int] = field(default_factory=list)
+    """The ledger holds this exact source hash: unchanged since it was synced."""
+    changed: list[int] = field(default_factory=list)
+    """The full path: map, check, send."""
+    still_quarantined: list[int] = field(default_factory=list)
+    """Unchanged since it was quarantined (for a reason other than a duplicate identity)."""
+    held_duplicates: list[int] = field(default_factory=list)
+    """Unchanged since it was quarantined as a duplicate: stays so only while its winner holds on."""
+
+
+def triage(
     rows: Sequence[Sequence[Any]], hashes: Sequence[str], *, use_ledger: bool = True, use_held: bool = True
-) -> tuple[list[int], list[int], list[int], list[int]]:
-    """Sort a chunk of narrow rows (:class:`Narrow`) by source hash, in one pass, into row indexes:
-
-    * *settled*: the ledger holds this exact source hash (unchanged since it was synced);
-    * *todo*: the full path (map, check, send);
-    * *still_bad* / *dups*: unchanged since it was quarantined (*dups*: as a duplicate).
-
-    ``use_ledger=False`` (a full refresh) settles nothing; ``use_held=False`` (a replay) holds nothing.
-    """
-    ls, lp, hs, hd = Narrow.LEDGER_SOURCE, Narrow.LEDGER_PAYLOAD, Narrow.HELD_SOURCE, Narrow.HELD_DUPLICATE_OF
-    settled: list[int] = []
-    todo: list[int] = []
-    still_bad: list[int] = []
-    dups: list[int] = []
-    for i, (r, h) in enumerate(zip(rows, hashes, strict=True)):
-        if use_ledger and r[ls] == h and r[lp] is not None:
-            settled.append(i)
-        elif use_held and r[hs] == h:
-            (dups if r[hd] else still_bad).append(i)
+) -> Triage:
+    """Sort a chunk by source hash in one pass (no per-chunk dicts: most rows of a touched table
+    are settled here). ``use_ledger=False`` (a full refresh) settles nothing; ``use_held=False``
+    (a replay) holds nothing."""
+    out = Triage()
+    for i, (row, h) in enumerate(zip(rows, hashes, strict=True)):
+        _key, _updated, _email, _phone, _digest, ledger_source, ledger_payload, held_source, held_dup = row
+        if use_ledger and ledger_source == h and ledger_payload is not None:
+            out.settled.append(i)
+        elif use_held and held_source == h:
+            (out.held_duplicates if held_dup else out.still_quarantined).append(i)
         else:
-            todo.append(i)
-    return settled, todo, still_bad, dups
+            out.changed.append(i)
+    return out

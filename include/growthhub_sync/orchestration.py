@@ -15,12 +15,13 @@ from urllib.parse import quote
 
 from growthhub_sync.alerts import format_alert, send_alert
 from growthhub_sync.config import ConfigError, SyncConfig, load_config
+from growthhub_sync.extract import Window
+from growthhub_sync.outcomes import RUN_COUNTS
 
 log = logging.getLogger(__name__)
 
 SYNC_DAG_ID = "growthhub_contact_sync"
 REPLAY_DAG_ID = "growthhub_quarantine_replay"
-COUNT_NAMES = ("extracted", "unchanged", "created", "updated", "quarantined", "rejected", "deferred")
 
 DEFAULT_ARGS: dict[str, Any] = {
     "owner": "data-engineering",
@@ -56,9 +57,7 @@ def run_window(context: Mapping[str, Any], lookback_minutes: int) -> dict[str, s
     start, end = context.get("data_interval_start"), context.get("data_interval_end")
     if start is not None and end is not None and start == end:
         start = None
-    if start is not None and lookback_minutes:
-        start = start - timedelta(minutes=lookback_minutes)
-    return {"start": start.isoformat() if start else None, "end": end.isoformat() if end else None}
+    return Window.of(start, end, lookback_minutes).as_dict()
 
 
 def run_ids(context: Mapping[str, Any]) -> tuple[str, str]:
@@ -94,7 +93,7 @@ def alert_threshold_breach(
     if not breached:
         return False
     dag_id, run_id = run_ids(context)
-    counts = {name: sum(int(r.get(name, 0)) for r in breached) for name in COUNT_NAMES}
+    counts = {name: sum(int(r.get(name, 0)) for r in breached) for name in RUN_COUNTS}
     rates = ", ".join(f"{r['location']} {100 * r['reject_rate']:.1f}%" for r in breached)
     text = format_alert(
         headline=(
@@ -140,7 +139,7 @@ def on_run_failure(context: Mapping[str, Any]) -> None:
 def _run_progress(config: SyncConfig, run_id: str) -> dict[str, Any]:
     """The run's recorded progress, or nothing if the warehouse cannot tell (the alert goes out anyway)."""
     from growthhub_sync import state
-    from growthhub_sync.pipeline import get_engine
+    from growthhub_sync.warehouse import get_engine
 
     try:
         with get_engine(config).connect() as conn:
@@ -152,11 +151,11 @@ def _run_progress(config: SyncConfig, run_id: str) -> dict[str, Any]:
 
 def summary_table(results: Sequence[Mapping[str, Any]]) -> str:
     """A fixed-width table of a run's counts per location, for the task log."""
-    header = ("location", *COUNT_NAMES, "displaced", "reject %")
+    header = ("location", *RUN_COUNTS, "displaced", "reject %")
     rows = [
         (
             str(r["location"]),
-            *(str(r.get(name, 0)) for name in (*COUNT_NAMES, "displaced")),
+            *(str(r.get(name, 0)) for name in (*RUN_COUNTS, "displaced")),
             f"{100 * r.get('reject_rate', 0):.2f}",
         )
         for r in results

@@ -87,7 +87,7 @@ def purge_quarantine(
 
 def main(argv: list[str] | None = None) -> int:
     from growthhub_sync.config import load_config
-    from growthhub_sync.pipeline import get_engine
+    from growthhub_sync.warehouse import get_engine
 
     p = argparse.ArgumentParser(
         prog="python -m growthhub_sync.retention", description=__doc__.split("\n\n")[0]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -35,13 +35,22 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from growthhub_sync.outcomes import RUN_COUNTS
+
 if TYPE_CHECKING:
+    from sqlalchemy import ColumnElement, Executable, Select
     from sqlalchemy.engine import Connection, Engine
 
     from growthhub_sync.config import StateConfig
+    from growthhub_sync.outcomes import QuarantineRow, SyncedRow
 
 _OPEN = text("status = 'open'")  # a literal: ON CONFLICT must repeat the partial index's predicate verbatim
 _CHUNK = 2000  # keys per IN (...) list: well under SQLite's variable limit
+# what a quarantine row's next failure overwrites (the rest: first seen, attempts, status)
+_QUARANTINE_UPDATED = (
+    "stage", "http_status", "errors", "payload", "source_hash", "duplicate_of",
+    "dag_id", "run_id", "last_seen_at",
+)  # fmt: skip
 
 
 def utcnow() -> datetime:
@@ -151,9 +160,6 @@ def state_tables(cfg: StateConfig) -> StateTables:
     return StateTables(md, ledger, quarantine, pending, runs, identities)
 
 
-RUN_COUNTS = ("extracted", "unchanged", "created", "updated", "quarantined", "rejected", "deferred")
-
-
 def ensure_state(engine: Engine, tables: StateTables) -> None:
     """Create the state tables if missing; safe when parallel tasks race to do it.
 
@@ -199,176 +205,6 @@ def _chunks(seq: Sequence[Any], size: int = _CHUNK) -> Iterable[Sequence[Any]]:
         yield seq[i : i + size]
 
 
-def upsert_ledger(conn: Connection, t: StateTables, rows: Sequence[Mapping[str, Any]]) -> None:
-    """Record synced rows.
-
-    ``rows`` carry ``location, source_key, contact_id, payload_hash, source_hash, last_synced_at``
-    and ``last_run_id``.
-    """
-    if not rows:
-        return
-    ins = _insert(conn, t.ledger)
-    stmt = ins.on_conflict_do_update(
-        index_elements=[t.ledger.c.location, t.ledger.c.source_key],
-        set_={
-            "contact_id": ins.excluded.contact_id,
-            "payload_hash": ins.excluded.payload_hash,
-            "source_hash": ins.excluded.source_hash,
-            "last_synced_at": ins.excluded.last_synced_at,
-            "last_run_id": ins.excluded.last_run_id,
-        },
-    )
-    conn.execute(stmt, [{**r, "first_synced_at": r["last_synced_at"]} for r in rows])
-
-
-def refresh_source_hashes(conn: Connection, t: StateTables, location: str, hashes: Mapping[str, str]) -> None:
-    """Store the source hash of rows found unchanged the slow way, so next time the fast path sees them."""
-    if not hashes:
-        return
-    led = t.ledger
-    stmt = (
-        update(led)
-        .where(led.c.location == location, led.c.source_key == bindparam("k"))
-        .values(source_hash=bindparam("h"))
-    )
-    conn.execute(stmt, [{"k": k, "h": h} for k, h in hashes.items()])
-
-
-def forget_source_hashes(conn: Connection, t: StateTables, location: str, keys: Sequence[str]) -> None:
-    """Force the full path for rows that failed, so a later revert to the synced values resolves them."""
-    led = t.ledger
-    for part in _chunks(keys):
-        conn.execute(
-            update(led)
-            .where(
-                led.c.location == location, led.c.source_key.in_(list(part)), led.c.source_hash.is_not(None)
-            )
-            .values(source_hash=None)
-        )
-
-
-def quarantine_rows(
-    conn: Connection, t: StateTables, rows: Sequence[Mapping[str, Any]], *, now: datetime
-) -> None:
-    """Open or update one quarantine row per (location, source key).
-
-    ``rows`` carry ``location, source_key, stage, http_status, errors, payload, dag_id, run_id``.
-    ``attempts`` grows once per run: a retried task of the same run does not count twice.
-    """
-    if not rows:
-        return
-    q = t.quarantine
-    ins = _insert(conn, q)
-    stmt = ins.on_conflict_do_update(
-        index_elements=[q.c.location, q.c.source_key],
-        index_where=_OPEN,
-        set_={
-            "stage": ins.excluded.stage,
-            "http_status": ins.excluded.http_status,
-            "errors": ins.excluded.errors,
-            "payload": ins.excluded.payload,
-            "source_hash": ins.excluded.source_hash,
-            "duplicate_of": ins.excluded.duplicate_of,
-            "dag_id": ins.excluded.dag_id,
-            "run_id": ins.excluded.run_id,
-            "last_seen_at": ins.excluded.last_seen_at,
-            "attempts": case((q.c.run_id == ins.excluded.run_id, q.c.attempts), else_=q.c.attempts + 1),
-        },
-    )
-    conn.execute(
-        stmt,
-        [{**r, "first_seen_at": now, "last_seen_at": now, "attempts": 1, "status": "open"} for r in rows],
-    )
-
-
-def requarantine(
-    conn: Connection, t: StateTables, location: str, keys: Sequence[str], *, run_id: str, now: datetime
-) -> None:
-    """Count another failing attempt of unchanged quarantined rows (once per run)."""
-    q = t.quarantine
-    for part in _chunks(keys):
-        conn.execute(
-            update(q)
-            .where(
-                q.c.location == location,
-                q.c.status == "open",
-                q.c.source_key.in_(list(part)),
-                q.c.run_id != run_id,
-            )
-            .values(attempts=q.c.attempts + 1, last_seen_at=now, run_id=run_id)
-        )
-
-
-def resolve_quarantine(
-    conn: Connection,
-    t: StateTables,
-    location: str,
-    keys: Sequence[str],
-    *,
-    now: datetime,
-    status: str = "resolved",
-) -> int:
-    """Close the open quarantine rows of keys that synced (or were found in step with the CRM)."""
-    q = t.quarantine
-    n = 0
-    for part in _chunks(keys):
-        res = conn.execute(
-            update(q)
-            .where(q.c.location == location, q.c.status == "open", q.c.source_key.in_(list(part)))
-            .values(status=status, resolved_at=now)
-        )
-        n += res.rowcount or 0
-    return n
-
-
-def mark_pending(
-    conn: Connection, t: StateTables, rows: Sequence[Mapping[str, Any]], *, now: datetime
-) -> None:
-    """Remember deferred rows (``location, source_key, reason, last_run_id``) for the next run."""
-    if not rows:
-        return
-    p = t.pending
-    ins = _insert(conn, p)
-    stmt = ins.on_conflict_do_update(
-        index_elements=[p.c.location, p.c.source_key],
-        set_={
-            "reason": ins.excluded.reason,
-            "last_run_id": ins.excluded.last_run_id,
-            "attempts": case(
-                (p.c.last_run_id == ins.excluded.last_run_id, p.c.attempts), else_=p.c.attempts + 1
-            ),
-        },
-    )
-    conn.execute(stmt, [{**r, "since": now, "attempts": 1} for r in rows])
-
-
-def clear_pending(conn: Connection, t: StateTables, location: str, keys: Sequence[str]) -> None:
-    p = t.pending
-    for part in _chunks(keys):
-        conn.execute(p.delete().where(p.c.location == location, p.c.source_key.in_(list(part))))
-
-
-def open_quarantine(
-    conn: Connection,
-    t: StateTables,
-    location: str,
-    *,
-    stage: str | None = None,
-    contains: str | None = None,
-    limit: int | None = None,
-) -> list[dict[str, Any]]:
-    """Open quarantine rows, oldest first; ``contains`` filters on the error text."""
-    q = t.quarantine
-    stmt = select(q).where(q.c.location == location, q.c.status == "open").order_by(q.c.first_seen_at, q.c.id)
-    if stage:
-        stmt = stmt.where(q.c.stage == stage)
-    rows = [dict(r._mapping) for r in conn.execute(stmt)]
-    if contains:
-        needle = contains.lower()
-        rows = [r for r in rows if needle in json.dumps(r["errors"]).lower()]
-    return rows[:limit] if limit else rows
-
-
 def write_run(conn: Connection, t: StateTables, row: Mapping[str, Any]) -> None:
     """Insert or replace the run row of (run_id, location): finalising twice keeps one row."""
     ins = _insert(conn, t.runs)
@@ -407,187 +243,343 @@ def run_progress(conn: Connection, t: StateTables, run_id: str) -> dict[str, Any
     }
 
 
-def owners_of(
-    conn: Connection, t: StateTables, location: str, identities: Iterable[str], *, lock: bool = True
-) -> dict[str, str | None]:
-    """Owner (source key) of each of ``identities``, ``None`` when free; with ``lock``, the rows
-    stay locked until the transaction ends (PostgreSQL, in sorted order so two tasks never wait
-    on each other crosswise; SQLite serialises writers anyway)."""
-    names = sorted(set(identities))
-    ids = t.identities
-    owners: dict[str, str | None] = dict.fromkeys(names)
-    for part in _chunks(names):
-        query = (
-            select(ids.c.identity, ids.c.source_key)
-            .where(ids.c.location == location, ids.c.identity.in_(list(part)))
-            .order_by(ids.c.identity)
-        )
-        owners.update((n, k) for n, k in conn.execute(query.with_for_update() if lock else query))
-    return owners
+@dataclass(frozen=True)
+class StateStore:
+    """One location's state rows, written inside one transaction (or read on one connection).
 
-
-def claim_free_identities(
-    conn: Connection, t: StateTables, location: str, wanted: Mapping[str, str], *, run_id: str, now: datetime
-) -> tuple[dict[str, str | None], set[str]]:
-    """Owners of the ``wanted`` identities (identity → the key that wants it), locked until the
-    transaction ends; free ones are claimed for the key that wants them on the way.
-
-    Returns the owners and the identities claimed here (the caller frees those of a row that
-    loses on another identity). One batched insert for the free ones, the common case of a
-    first sync; a row claimed by another task between the lookup and the insert is looked up
-    again, after waiting for that task's transaction.
+    The handle carries what every write of a chunk shares (connection, tables, location, run,
+    time), so a transaction's writes read as one block. Keys are source keys (strings).
     """
-    owners = owners_of(conn, t, location, wanted)
-    free = [n for n, k in owners.items() if k is None]
-    if not free:
-        return owners, set()
-    ids = t.identities
-    stmt = (
-        _insert(conn, ids)
-        .on_conflict_do_nothing(index_elements=[ids.c.location, ids.c.identity])
-        .returning(ids.c.identity)
-    )
-    claimed: set[str] = set()
-    for part in _chunks(free):
-        rows = [
-            {
-                "location": location,
-                "identity": n,
-                "source_key": wanted[n],
-                "claimed_at": now,
-                "last_run_id": run_id,
-            }
-            for n in part
-        ]
-        claimed.update(conn.execute(stmt, rows).scalars())
-    owners.update((n, wanted[n]) for n in claimed)
-    if raced := [n for n in free if n not in claimed]:
-        owners.update(owners_of(conn, t, location, raced))
-    return owners, claimed
 
+    conn: Connection
+    tables: StateTables
+    location: str
+    run_id: str = "manual"
+    dag_id: str | None = None
+    now: datetime = field(default_factory=utcnow)
 
-def claim_identities(
-    conn: Connection, t: StateTables, location: str, owners: Mapping[str, str], *, run_id: str, now: datetime
-) -> None:
-    """Make ``owners`` (identity → source key) the owners of identities locked by :func:`owners_of`.
-
-    An upsert rather than an UPDATE per identity: inserts are sent in batches.
-    """
-    if not owners:
-        return
-    ids = t.identities
-    ins = _insert(conn, ids)
-    stmt = ins.on_conflict_do_update(
-        index_elements=[ids.c.location, ids.c.identity],
-        set_={"source_key": ins.excluded.source_key, "claimed_at": now, "last_run_id": run_id},
-    )
-    rows = [{"location": location, "identity": n, "source_key": k} for n, k in sorted(owners.items())]
-    for part in _chunks(rows):
-        conn.execute(stmt, list(part))
-
-
-def identities_owned(
-    conn: Connection, t: StateTables, location: str, keys: Iterable[str]
-) -> dict[str, set[str]]:
-    """Identities owned by each of ``keys``."""
-    ids = t.identities
-    out: dict[str, set[str]] = {}
-    for part in _chunks(sorted(set(keys))):
-        rows = conn.execute(
-            select(ids.c.source_key, ids.c.identity).where(
-                ids.c.location == location, ids.c.source_key.in_(list(part))
-            )
+    # -- ledger -----------------------------------------------------------------------------------
+    def record_synced(self, rows: Sequence[SyncedRow]) -> None:
+        """Record rows the CRM accepted (an upsert: a retried task keeps one ledger row each)."""
+        if not rows:
+            return
+        led = self.tables.ledger
+        ins = _insert(self.conn, led)
+        stmt = ins.on_conflict_do_update(
+            index_elements=[led.c.location, led.c.source_key],
+            set_={
+                "contact_id": ins.excluded.contact_id,
+                "payload_hash": ins.excluded.payload_hash,
+                "source_hash": ins.excluded.source_hash,
+                "last_synced_at": ins.excluded.last_synced_at,
+                "last_run_id": ins.excluded.last_run_id,
+            },
         )
-        for key, name in rows:
-            out.setdefault(key, set()).add(name)
-    return out
-
-
-def release_identities(conn: Connection, t: StateTables, location: str, identities: Iterable[str]) -> None:
-    """Free identities: their rows go (they hold emails and phones), so do unclaimed placeholders."""
-    ids = t.identities
-    for part in _chunks(sorted(set(identities))):
-        conn.execute(ids.delete().where(ids.c.location == location, ids.c.identity.in_(list(part))))
-
-
-def release_owned(conn: Connection, t: StateTables, location: str, keys: Iterable[str]) -> None:
-    """Free every identity the rows of ``keys`` own."""
-    ids = t.identities
-    for part in _chunks(sorted(set(keys))):
-        conn.execute(ids.delete().where(ids.c.location == location, ids.c.source_key.in_(list(part))))
-
-
-def duplicates_of(conn: Connection, t: StateTables, location: str, owners: Iterable[str]) -> list[str]:
-    """Keys of open quarantine rows that lost an identity to one of ``owners``."""
-    q = t.quarantine
-    out: list[str] = []
-    for part in _chunks(sorted(set(owners))):
-        out.extend(
-            conn.execute(
-                select(q.c.source_key).where(
-                    q.c.location == location, q.c.status == "open", q.c.duplicate_of.in_(list(part))
-                )
-            ).scalars()
+        base = {"location": self.location, "first_synced_at": self.now, "last_synced_at": self.now}
+        self.conn.execute(
+            stmt,
+            [
+                {
+                    **base,
+                    "source_key": r.source_key,
+                    "contact_id": r.contact_id,
+                    "payload_hash": r.payload_hash,
+                    "source_hash": r.source_hash,
+                    "last_run_id": self.run_id,
+                }
+                for r in rows
+            ],
         )
-    return out
 
-
-def synced_in_run(
-    conn: Connection, t: StateTables, location: str, keys: Iterable[str], run_id: str
-) -> set[str]:
-    """Those of ``keys`` the ledger recorded in run ``run_id``."""
-    led = t.ledger
-    out: set[str] = set()
-    for part in _chunks(sorted(set(keys))):
-        stmt = select(led.c.source_key).where(
-            led.c.location == location, led.c.source_key.in_(list(part)), led.c.last_run_id == run_id
-        )
-        out.update(conn.execute(stmt).scalars())
-    return out
-
-
-def drop_from_ledger(conn: Connection, t: StateTables, location: str, keys: Sequence[str]) -> None:
-    """Forget that rows were synced: their contact now belongs to another row."""
-    led = t.ledger
-    for part in _chunks(keys):
-        conn.execute(led.delete().where(led.c.location == location, led.c.source_key.in_(list(part))))
-
-
-def invalidate_ledger(conn: Connection, t: StateTables, location: str, keys: Sequence[str]) -> None:
-    """Make rows' next run send them again (the CRM may hold another row's values)."""
-    led = t.ledger
-    for part in _chunks(keys):
-        conn.execute(
+    def refresh_source_hashes(self, hashes: Mapping[str, str]) -> None:
+        """Store the source hash of rows found unchanged the slow way: next time the fast path sees them."""
+        if not hashes:
+            return
+        led = self.tables.ledger
+        stmt = (
             update(led)
-            .where(led.c.location == location, led.c.source_key.in_(list(part)))
-            .values(payload_hash="", source_hash=None)
+            .where(led.c.location == self.location, led.c.source_key == bindparam("k"))
+            .values(source_hash=bindparam("h"))
+        )
+        self.conn.execute(stmt, [{"k": k, "h": h} for k, h in hashes.items()])
+
+    def forget_source_hashes(self, keys: Iterable[str]) -> None:
+        """Force the full path for rows that failed, so a later revert to the synced values resolves them."""
+        led = self.tables.ledger
+        self._each_part(
+            keys,
+            lambda part: (
+                update(led)
+                .where(self._of(led), led.c.source_key.in_(part), led.c.source_hash.is_not(None))
+                .values(source_hash=None)
+            ),
         )
 
+    def drop_from_ledger(self, keys: Iterable[str]) -> None:
+        """Forget that rows were synced: their contact now belongs to another row."""
+        led = self.tables.ledger
+        self._each_part(keys, lambda part: led.delete().where(self._of(led), led.c.source_key.in_(part)))
 
-def pending_keys(
-    conn: Connection, t: StateTables, location: str, *, run_id: str, reasons: Sequence[str]
-) -> list[str]:
-    """Keys a run left pending for one of ``reasons``."""
-    p = t.pending
-    stmt = (
-        select(p.c.source_key)
-        .where(p.c.location == location, p.c.last_run_id == run_id, p.c.reason.in_(list(reasons)))
-        .order_by(p.c.source_key)
-    )
-    return list(conn.execute(stmt).scalars())
+    def invalidate_ledger(self, keys: Iterable[str]) -> None:
+        """Make rows' next run send them again (the CRM may hold another row's values)."""
+        led = self.tables.ledger
+        self._each_part(
+            keys,
+            lambda part: (
+                update(led)
+                .where(self._of(led), led.c.source_key.in_(part))
+                .values(payload_hash="", source_hash=None)
+            ),
+        )
 
-
-def pending_reasons(
-    conn: Connection, t: StateTables, location: str, keys: Iterable[str]
-) -> dict[str, tuple[str, str | None]]:
-    """``(reason, last_run_id)`` of the pending rows among ``keys``."""
-    p = t.pending
-    out: dict[str, tuple[str, str | None]] = {}
-    for part in _chunks(sorted(set(keys))):
-        rows = conn.execute(
-            select(p.c.source_key, p.c.reason, p.c.last_run_id).where(
-                p.c.location == location, p.c.source_key.in_(list(part))
+    def synced_in_run(self, keys: Iterable[str]) -> set[str]:
+        """Those of ``keys`` the ledger recorded in this store's run."""
+        led = self.tables.ledger
+        return set(
+            self._select_parts(
+                keys,
+                lambda part: select(led.c.source_key).where(
+                    self._of(led), led.c.source_key.in_(part), led.c.last_run_id == self.run_id
+                ),
             )
         )
-        out.update((k, (reason, run_id)) for k, reason, run_id in rows)
-    return out
+
+    # -- quarantine -------------------------------------------------------------------------------
+    def quarantine(self, rows: Sequence[QuarantineRow]) -> None:
+        """Open or update one quarantine row per source key.
+
+        ``attempts`` grows once per run: a retried task of the same run does not count twice.
+        """
+        if not rows:
+            return
+        q = self.tables.quarantine
+        ins = _insert(self.conn, q)
+        stmt = ins.on_conflict_do_update(
+            index_elements=[q.c.location, q.c.source_key],
+            index_where=_OPEN,
+            set_={
+                **{c: ins.excluded[c] for c in _QUARANTINE_UPDATED},
+                "attempts": case((q.c.run_id == ins.excluded.run_id, q.c.attempts), else_=q.c.attempts + 1),
+            },
+        )
+        common = {
+            "location": self.location,
+            "dag_id": self.dag_id,
+            "run_id": self.run_id,
+            "first_seen_at": self.now,
+            "last_seen_at": self.now,
+            "attempts": 1,
+            "status": "open",
+        }
+        self.conn.execute(stmt, [{**common, **asdict(r)} for r in rows])
+
+    def requarantine(self, keys: Iterable[str]) -> None:
+        """Count another failing attempt of unchanged quarantined rows (once per run)."""
+        q = self.tables.quarantine
+        self._each_part(
+            keys,
+            lambda part: (
+                update(q)
+                .where(self._of(q), q.c.status == "open", q.c.source_key.in_(part), q.c.run_id != self.run_id)
+                .values(attempts=q.c.attempts + 1, last_seen_at=self.now, run_id=self.run_id)
+            ),
+        )
+
+    def resolve_quarantine(self, keys: Iterable[str], *, status: str = "resolved") -> int:
+        """Close the open quarantine rows of keys that synced (or were found in step with the CRM)."""
+        q = self.tables.quarantine
+        return self._each_part(
+            keys,
+            lambda part: (
+                update(q)
+                .where(self._of(q), q.c.status == "open", q.c.source_key.in_(part))
+                .values(status=status, resolved_at=self.now)
+            ),
+        )
+
+    def open_quarantine(
+        self, *, stage: str | None = None, contains: str | None = None, limit: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Open quarantine rows, oldest first; ``contains`` filters on the error text."""
+        q = self.tables.quarantine
+        stmt = select(q).where(self._of(q), q.c.status == "open").order_by(q.c.first_seen_at, q.c.id)
+        if stage:
+            stmt = stmt.where(q.c.stage == stage)
+        rows = [dict(r._mapping) for r in self.conn.execute(stmt)]
+        if contains:
+            needle = contains.lower()
+            rows = [r for r in rows if needle in json.dumps(r["errors"]).lower()]
+        return rows[:limit] if limit else rows
+
+    def duplicates_of(self, owners: Iterable[str]) -> list[str]:
+        """Keys of open quarantine rows that lost an identity to one of ``owners``."""
+        q = self.tables.quarantine
+        return self._select_parts(
+            owners,
+            lambda part: select(q.c.source_key).where(
+                self._of(q), q.c.status == "open", q.c.duplicate_of.in_(part)
+            ),
+        )
+
+    # -- pending ----------------------------------------------------------------------------------
+    def mark_pending(self, reasons: Mapping[str, str]) -> None:
+        """Remember rows (source key → why) for the next run, or for this run's finalize."""
+        if not reasons:
+            return
+        p = self.tables.pending
+        ins = _insert(self.conn, p)
+        stmt = ins.on_conflict_do_update(
+            index_elements=[p.c.location, p.c.source_key],
+            set_={
+                "reason": ins.excluded.reason,
+                "last_run_id": ins.excluded.last_run_id,
+                "attempts": case(
+                    (p.c.last_run_id == ins.excluded.last_run_id, p.c.attempts), else_=p.c.attempts + 1
+                ),
+            },
+        )
+        common = {"location": self.location, "last_run_id": self.run_id, "since": self.now, "attempts": 1}
+        self.conn.execute(
+            stmt, [{**common, "source_key": k, "reason": reason[:1000]} for k, reason in reasons.items()]
+        )
+
+    def clear_pending(self, keys: Iterable[str]) -> None:
+        p = self.tables.pending
+        self._each_part(keys, lambda part: p.delete().where(self._of(p), p.c.source_key.in_(part)))
+
+    def pending_keys(self, reasons: Sequence[str]) -> list[str]:
+        """Keys this store's run left pending for one of ``reasons``."""
+        p = self.tables.pending
+        stmt = (
+            select(p.c.source_key)
+            .where(self._of(p), p.c.last_run_id == self.run_id, p.c.reason.in_(list(reasons)))
+            .order_by(p.c.source_key)
+        )
+        return list(self.conn.execute(stmt).scalars())
+
+    def pending_reasons(self, keys: Iterable[str]) -> dict[str, tuple[str, str | None]]:
+        """``(reason, last_run_id)`` of the pending rows among ``keys``."""
+        p = self.tables.pending
+        out: dict[str, tuple[str, str | None]] = {}
+        for part in _chunks(sorted(set(keys))):
+            rows = self.conn.execute(
+                select(p.c.source_key, p.c.reason, p.c.last_run_id).where(
+                    self._of(p), p.c.source_key.in_(list(part))
+                )
+            )
+            out.update((k, (reason, run_id)) for k, reason, run_id in rows)
+        return out
+
+    # -- identities -------------------------------------------------------------------------------
+    def owners_of(self, identities: Iterable[str], *, lock: bool = True) -> dict[str, str | None]:
+        """Owner (source key) of each of ``identities``, ``None`` when free; with ``lock``, the rows
+        stay locked until the transaction ends (PostgreSQL, in sorted order so two tasks never wait
+        on each other crosswise; SQLite serialises writers anyway)."""
+        names = sorted(set(identities))
+        ids = self.tables.identities
+        owners: dict[str, str | None] = dict.fromkeys(names)
+        for part in _chunks(names):
+            query = (
+                select(ids.c.identity, ids.c.source_key)
+                .where(self._of(ids), ids.c.identity.in_(list(part)))
+                .order_by(ids.c.identity)
+            )
+            owners.update((n, k) for n, k in self.conn.execute(query.with_for_update() if lock else query))
+        return owners
+
+    def claim_free_identities(self, wanted: Mapping[str, str]) -> tuple[dict[str, str | None], set[str]]:
+        """Owners of the ``wanted`` identities (identity → the key that wants it), locked until the
+        transaction ends; free ones are claimed for the key that wants them on the way.
+
+        Returns the owners and the identities claimed here (the caller frees those of a row that
+        loses on another identity). One batched insert for the free ones, the common case of a
+        first sync; a row claimed by another task between the lookup and the insert is looked up
+        again, after waiting for that task's transaction.
+        """
+        owners = self.owners_of(wanted)
+        free = [n for n, k in owners.items() if k is None]
+        if not free:
+            return owners, set()
+        ids = self.tables.identities
+        stmt = (
+            _insert(self.conn, ids)
+            .on_conflict_do_nothing(index_elements=[ids.c.location, ids.c.identity])
+            .returning(ids.c.identity)
+        )
+        claimed: set[str] = set()
+        for part in _chunks(free):
+            rows = [self._identity_row(n, wanted[n]) for n in part]
+            claimed.update(self.conn.execute(stmt, rows).scalars())
+        owners.update((n, wanted[n]) for n in claimed)
+        if raced := [n for n in free if n not in claimed]:
+            owners.update(self.owners_of(raced))
+        return owners, claimed
+
+    def claim_identities(self, owners: Mapping[str, str]) -> None:
+        """Make ``owners`` (identity → source key) the owners of identities locked by :meth:`owners_of`.
+
+        An upsert rather than an UPDATE per identity: inserts are sent in batches. Ownership moves
+        in place, so a task waiting on the row lock then reads the new owner, where a delete and
+        re-insert would show it a free identity.
+        """
+        if not owners:
+            return
+        ids = self.tables.identities
+        ins = _insert(self.conn, ids)
+        stmt = ins.on_conflict_do_update(
+            index_elements=[ids.c.location, ids.c.identity],
+            set_={"source_key": ins.excluded.source_key, "claimed_at": self.now, "last_run_id": self.run_id},
+        )
+        rows = [self._identity_row(n, k) for n, k in sorted(owners.items())]
+        for part in _chunks(rows):
+            self.conn.execute(stmt, list(part))
+
+    def identities_owned(self, keys: Iterable[str]) -> dict[str, set[str]]:
+        """Identities owned by each of ``keys``."""
+        ids = self.tables.identities
+        out: dict[str, set[str]] = {}
+        for part in _chunks(sorted(set(keys))):
+            rows = self.conn.execute(
+                select(ids.c.source_key, ids.c.identity).where(
+                    self._of(ids), ids.c.source_key.in_(list(part))
+                )
+            )
+            for key, name in rows:
+                out.setdefault(key, set()).add(name)
+        return out
+
+    def release_identities(self, identities: Iterable[str]) -> None:
+        """Free identities: their rows go (they hold emails and phones), so do unclaimed placeholders."""
+        ids = self.tables.identities
+        self._each_part(identities, lambda part: ids.delete().where(self._of(ids), ids.c.identity.in_(part)))
+
+    def release_owned(self, keys: Iterable[str]) -> None:
+        """Free every identity the rows of ``keys`` own."""
+        ids = self.tables.identities
+        self._each_part(keys, lambda part: ids.delete().where(self._of(ids), ids.c.source_key.in_(part)))
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _of(self, table: Table) -> ColumnElement[bool]:
+        return table.c.location == self.location
+
+    def _identity_row(self, identity: str, key: str) -> dict[str, Any]:
+        return {
+            "location": self.location,
+            "identity": identity,
+            "source_key": key,
+            "claimed_at": self.now,
+            "last_run_id": self.run_id,
+        }
+
+    def _each_part(self, keys: Iterable[str], statement: Callable[[list[str]], Executable]) -> int:
+        """Run ``statement`` for each slice of the sorted keys; returns the rows it touched."""
+        touched = 0
+        for part in _chunks(sorted(set(keys))):
+            touched += self.conn.execute(statement(list(part))).rowcount or 0
+        return touched
+
+    def _select_parts(self, keys: Iterable[str], query: Callable[[list[str]], Select[Any]]) -> list[str]:
+        out: list[str] = []
+        for part in _chunks(sorted(set(keys))):
+            out.extend(self.conn.execute(query(list(part))).scalars())
+        return out

@@ -77,7 +77,7 @@ from growthhub_sync.config import SyncConfig, parse_config
 from growthhub_sync.demo import contacts_table, generate, insert_rows, modify_contacts
 from growthhub_sync.mapping import Mapper
 from growthhub_sync.orchestration import SYNC_DAG_ID
-from growthhub_sync.pipeline import OUTCOMES
+from growthhub_sync.outcomes import OUTCOMES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
 from reliability_support import identity_duplicates

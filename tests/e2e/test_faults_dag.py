@@ -54,7 +54,7 @@ from growthhub_sync import state
 from growthhub_sync.config import SyncConfig, parse_config
 from growthhub_sync.demo import seed_demo
 from growthhub_sync.orchestration import SYNC_DAG_ID, pool_name
-from growthhub_sync.pipeline import OUTCOMES
+from growthhub_sync.outcomes import OUTCOMES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
 from reliability_support import (

@@ -31,7 +31,8 @@ from reliability_support import (
 
 from growthhub_sandbox.testing import SandboxAdmin, SandboxProcess
 from growthhub_sync.demo import seed_demo
-from growthhub_sync.pipeline import OUTCOMES, SyncOptions, sync
+from growthhub_sync.outcomes import OUTCOMES
+from growthhub_sync.pipeline import SyncOptions, sync
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

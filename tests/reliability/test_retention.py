@@ -16,6 +16,7 @@ from sqlalchemy import update
 
 from growthhub_sync import state
 from growthhub_sync.config import SyncConfig
+from growthhub_sync.outcomes import QuarantineRow
 from growthhub_sync.retention import purge_quarantine
 
 # (location, key, status, age in days)
@@ -36,24 +37,11 @@ def _fill(wh: Warehouse, cfg: SyncConfig) -> state.StateTables:
     now = state.utcnow()
     q = tables.quarantine
     with wh.engine.begin() as conn:
-        state.quarantine_rows(
-            conn,
-            tables,
-            [
-                {
-                    "location": loc,
-                    "source_key": key,
-                    "stage": "quality",
-                    "http_status": None,
-                    "errors": ["email: bad"],
-                    "payload": {"email": f"{key}@example.com"},
-                    "dag_id": "t",
-                    "run_id": "r",
-                }
-                for loc, key, _, _ in ROWS
-            ],
-            now=now,
-        )
+        for loc, key, _, _ in ROWS:
+            store = state.StateStore(conn, tables, loc, run_id="r", dag_id="t", now=now)
+            store.quarantine(
+                [QuarantineRow(key, "quality", ["email: bad"], {"email": f"{key}@example.com"}, None)]
+            )
         for loc, key, status, age in ROWS:
             at = now - timedelta(days=age)
             values = {"first_seen_at": at, "last_seen_at": at, "status": status}

@@ -177,7 +177,7 @@ class TestWarehouseConnection:
     def test_url_comes_from_the_airflow_connection(
         self, monkeypatch: pytest.MonkeyPatch, conn: dict[str, Any], expected: str
     ) -> None:
-        from growthhub_sync.pipeline import warehouse_url
+        from growthhub_sync.warehouse import warehouse_url
 
         monkeypatch.setenv("AIRFLOW_CONN_WAREHOUSE_DEFAULT", json.dumps(conn))
         assert re.sub(r"^postgresql\+\w+", "postgresql", warehouse_url("warehouse_default")) == expected

@@ -4,23 +4,19 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
-from growthhub_sync.diff import sorted_by_source
-from growthhub_sync.extract import Narrow, _prefetched
+from growthhub_sync.diff import Triage, triage
+from growthhub_sync.extract import NarrowRow, _prefetched
 
 
 def _row(key: str, *, ledger: str | None = None, payload: str | None = None, held: str | None = None,
-         dup_of: str | None = None) -> tuple[Any, ...]:  # fmt: skip
-    row: list[Any] = [None] * 9
-    row[Narrow.KEY], row[Narrow.LEDGER_SOURCE], row[Narrow.LEDGER_PAYLOAD] = key, ledger, payload
-    row[Narrow.HELD_SOURCE], row[Narrow.HELD_DUPLICATE_OF] = held, dup_of
-    return tuple(row)
+         dup_of: str | None = None) -> NarrowRow:  # fmt: skip
+    return NarrowRow(key, None, None, None, None, ledger, payload, held, dup_of)
 
 
-def test_sorted_by_source_matches_the_ledger_and_quarantine_rules() -> None:
+def test_triage_matches_the_ledger_and_quarantine_rules() -> None:
     rows = [
         _row("a", ledger="h0", payload="p"),  # settled
         _row("b", ledger="old", payload="p"),  # changed
@@ -32,12 +28,12 @@ def test_sorted_by_source_matches_the_ledger_and_quarantine_rules() -> None:
         _row("h"),  # new
     ]
     hashes = [f"h{i}" for i in range(len(rows))]
-    assert sorted_by_source(rows, hashes) == ([0, 5], [1, 2, 6, 7], [3], [4])
+    assert triage(rows, hashes) == Triage([0, 5], [1, 2, 6, 7], [3], [4])
     # a full refresh settles nothing; a replay holds nothing
-    assert sorted_by_source(rows, hashes, use_ledger=False) == ([], [0, 1, 2, 6, 7], [3, 5], [4])
-    assert sorted_by_source(rows, hashes, use_held=False) == ([0, 5], [1, 2, 3, 4, 6, 7], [], [])
+    assert triage(rows, hashes, use_ledger=False) == Triage([], [0, 1, 2, 6, 7], [3, 5], [4])
+    assert triage(rows, hashes, use_held=False) == Triage([0, 5], [1, 2, 3, 4, 6, 7], [], [])
     with pytest.raises(ValueError):
-        sorted_by_source(rows, hashes[:-1])
+        triage(rows, hashes[:-1])
 
 
 def _chunks(n: int, fail_at: int | None = None) -> Iterator[list[int]]:

@@ -30,9 +30,8 @@ from growthhub_sync import state
 from growthhub_sync.config import ConfigError, SyncConfig
 from growthhub_sync.demo import contacts_table, modify_contacts, seed_demo, touch_contacts
 from growthhub_sync.extract import Window
+from growthhub_sync.outcomes import OUTCOMES, OVERWRITTEN, SyncedRow
 from growthhub_sync.pipeline import (
-    OUTCOMES,
-    OVERWRITTEN,
     SyncInvariantError,
     SyncOptions,
     finalize_run,
@@ -70,18 +69,6 @@ def seed_row_email(wh: Warehouse, key: str) -> str:
     tbl = contacts_table(wh.schema)
     with wh.engine.connect() as conn:
         return conn.execute(select(tbl.c.email).where(tbl.c.id == key)).scalar_one().lower()
-
-
-def _ledger_row(key: str) -> dict[str, Any]:
-    return {
-        "location": "default",
-        "source_key": key,
-        "contact_id": "c-other",
-        "payload_hash": "h",
-        "source_hash": "s",
-        "last_synced_at": state.utcnow(),
-        "last_run_id": "r1",
-    }
 
 
 def _key_with(wh: Warehouse, cfg: SyncConfig, reason: str) -> str:
@@ -234,11 +221,10 @@ class TestOutcomes:
         identity = f"email:{seed_row_email(warehouse, 'C00000000')}"
 
         def other_task_claims(conn: Connection) -> None:
-            state.owners_of(conn, tables, "default", [identity])
-            state.claim_identities(
-                conn, tables, "default", {identity: "C99"}, run_id="r1", now=state.utcnow()
-            )
-            state.upsert_ledger(conn, tables, [_ledger_row("C99")])
+            store = state.StateStore(conn, tables, "default", run_id="r1")
+            store.owners_of([identity])
+            store.claim_identities({identity: "C99"})
+            store.record_synced([SyncedRow("C99", "c-other", "h", "s")])
 
         crm = InterleavingCRM(engine=warehouse.engine, meanwhile=other_task_claims)
         out = sync(cfg, "default", None, SyncOptions(run_id="r1"), engine=warehouse.engine, upserter=crm)
@@ -260,7 +246,7 @@ class TestOutcomes:
 
         crm = InterleavingCRM(  # another task displaced this row, then gave the identity up
             engine=warehouse.engine,
-            meanwhile=lambda conn: state.release_owned(conn, tables, "default", ["C00000000"]),
+            meanwhile=lambda conn: state.StateStore(conn, tables, "default").release_owned(["C00000000"]),
         )
         out = sync(cfg, "default", None, SyncOptions(run_id="r1"), engine=warehouse.engine, upserter=crm)
         assert (out["created"], out["deferred"]) == (0, 1)
@@ -280,14 +266,8 @@ class TestOutcomes:
         opts = SyncOptions(run_id="r1")
         plan = plan_sync(cfg, "default", None, engine=warehouse.engine, options=opts, check_connection=False)
         with warehouse.engine.begin() as conn:  # what the killed try left: a claim, no ledger row
-            state.claim_free_identities(
-                conn,
-                state.state_tables(cfg.state),
-                "default",
-                {"email:same@example.com": "C00000000"},
-                run_id="r1",
-                now=state.utcnow(),
-            )
+            store = state.StateStore(conn, state.state_tables(cfg.state), "default", run_id="r1")
+            store.claim_free_identities({"email:same@example.com": "C00000000"})
         only_c2 = {"lo": "C00000001", "hi": None}
         out = sync_batch(cfg, "default", plan["window"], only_c2, opts, engine=warehouse.engine, upserter=crm)
         assert (out["created"], out["displaced"]) == (1, 1)
@@ -306,15 +286,11 @@ class TestOutcomes:
         cfg = make_config()
         tables = state.state_tables(cfg.state)
 
-        overwritten = {
-            "location": "default",
-            "source_key": "C00000001",
-            "reason": OVERWRITTEN,
-            "last_run_id": "r1",
-        }
         crm = InterleavingCRM(  # the other task flushed its loser while this batch was being sent
             engine=warehouse.engine,
-            meanwhile=lambda conn: state.mark_pending(conn, tables, [overwritten], now=state.utcnow()),
+            meanwhile=lambda conn: state.StateStore(conn, tables, "default", run_id="r1").mark_pending(
+                {"C00000001": OVERWRITTEN}
+            ),
         )
         out = sync(cfg, "default", None, SyncOptions(run_id="r1"), engine=warehouse.engine, upserter=crm)
         assert out["created"] == 2
@@ -367,12 +343,8 @@ class TestIdempotency:
     ) -> None:
         _run(cfg, seeded, crm, "r1")
         with seeded.engine.begin() as conn:
-            state.mark_pending(
-                conn,
-                state.state_tables(cfg.state),
-                [{"location": "default", "source_key": "C00000003", "reason": "test", "last_run_id": "r1"}],
-                now=state.utcnow(),
-            )
+            store = state.StateStore(conn, state.state_tables(cfg.state), "default", run_id="r1")
+            store.mark_pending({"C00000003": "test"})
         again = _run(cfg, seeded, crm, "r2")
         assert again["extracted"] == 1000
         assert _rows(seeded, cfg, "pending") == []
