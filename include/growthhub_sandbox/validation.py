@@ -18,6 +18,8 @@ import pycountry
 from email_validator import EmailNotValidError, validate_email
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from growthhub_sandbox.store import Location
 
 STRING_FIELDS = (
@@ -114,7 +116,9 @@ def _check_object(value: Any, path: str, allowed: tuple[str, ...], errors: list[
     return True
 
 
-def _dnd_channel(value: Any, path: str, statuses: tuple[str, ...], keys: tuple[str, ...], errors: list[str]):
+def _dnd_channel(
+    value: Any, path: str, statuses: tuple[str, ...], keys: tuple[str, ...], errors: list[str]
+) -> dict[str, Any] | None:
     if not _check_object(value, path, keys, errors):
         return None
     if value.get("status") not in statuses:
@@ -180,17 +184,29 @@ def validate_upsert(body: dict[str, Any], location: Location) -> tuple[dict[str,
 
     ``location`` is the token's (a different ``locationId`` was refused with 403 before), so
     custom fields, users and the default phone region are checked against it even when the
-    body's ``locationId`` is missing.
+    body's ``locationId`` is missing. Fields are checked in the API's order: its messages come
+    in that order.
     """
     errors = [f"property {k} should not exist" for k in body if k not in KNOWN_FIELDS]
     out: dict[str, Any] = {}
-
     location_id = body.get("locationId")
     if location_id is None or location_id == "":
         errors.append("locationId should not be empty")
     elif not isinstance(location_id, str):
         errors.append("locationId must be a string")
+    _check_strings(body, out, errors)
+    _check_contact_details(body, location.country, out, errors)
+    _check_flags_and_dnd(body, out, errors)
+    _check_tags(body, out, errors)
+    if body.get("customFields") is not None:
+        custom = _custom_fields(body["customFields"], location, errors)
+        if custom is not None:
+            out["customFields"] = custom
+    _check_assigned_to(body, location, out, errors)
+    return out, errors
 
+
+def _check_strings(body: dict[str, Any], out: dict[str, Any], errors: list[str]) -> None:
     for key in STRING_FIELDS:
         if key in body:
             value = body[key]
@@ -201,54 +217,61 @@ def validate_upsert(body: dict[str, Any], location: Location) -> tuple[dict[str,
             else:
                 errors.append(f"{key} must be a string")
 
-    country = body.get("country")
-    if "country" in body:
-        if country is None or country == "":
-            out["country"] = None
-        elif isinstance(country, str) and country.upper() in _COUNTRIES:
-            out["country"] = country.upper()
-        else:
-            errors.append("country must be a valid ISO31661 Alpha2 code")
 
-    if "email" in body:
-        email = body["email"]
-        if email is None or email == "":
-            out["email"] = None
-        elif isinstance(email, str) and _email_ok(email.strip()):
-            out["email"] = email.strip()
-        else:
-            errors.append("email must be an email")
+def _check_clearable(
+    body: dict[str, Any],
+    key: str,
+    normalise: Callable[[Any], Any],
+    message: str,
+    out: dict[str, Any],
+    errors: list[str],
+) -> None:
+    """A field that ``None`` or ``""`` clears; else ``normalise`` gives its value or ``None`` (invalid)."""
+    if key not in body:
+        return
+    value = body[key]
+    if value is None or value == "":
+        out[key] = None
+    elif (normalised := normalise(value)) is not None:
+        out[key] = normalised
+    else:
+        errors.append(message)
 
-    if "phone" in body:
-        phone = body["phone"]
-        if phone is None or phone == "":
-            out["phone"] = None
-        else:
-            region = out.get("country") or location.country
-            e164 = normalise_phone(phone, region) if isinstance(phone, str) else None
-            if e164 is None:
-                errors.append("phone must be a valid phone number")
-            else:
-                out["phone"] = e164
 
-    if "timezone" in body:
-        tz = body["timezone"]
-        if tz is None or tz == "":
-            out["timezone"] = None
-        elif isinstance(tz, str) and tz.lower() in _TIMEZONES:
-            out["timezone"] = _TIMEZONES[tz.lower()]
-        else:
-            errors.append("timezone must be a valid IANA time zone")
+def _country(value: Any) -> str | None:
+    return value.upper() if isinstance(value, str) and value.upper() in _COUNTRIES else None
 
-    if "dateOfBirth" in body:
-        dob = body["dateOfBirth"]
-        if dob is None or dob == "":
-            out["dateOfBirth"] = None
-        elif isinstance(dob, str) and (iso := normalise_date_of_birth(dob.strip())):
-            out["dateOfBirth"] = iso
-        else:
-            errors.append(f"dateOfBirth must be a valid date in one of the formats {DOB_FORMATS}")
 
+def _email(value: Any) -> str | None:
+    return value.strip() if isinstance(value, str) and _email_ok(value.strip()) else None
+
+
+def _timezone(value: Any) -> str | None:
+    return _TIMEZONES.get(value.lower()) if isinstance(value, str) else None
+
+
+def _date_of_birth(value: Any) -> str | None:
+    return normalise_date_of_birth(value.strip()) if isinstance(value, str) else None
+
+
+def _check_contact_details(
+    body: dict[str, Any], default_region: str, out: dict[str, Any], errors: list[str]
+) -> None:
+    """Country, email, phone, time zone and date of birth; the phone's region is the body's country."""
+    _check_clearable(body, "country", _country, "country must be a valid ISO31661 Alpha2 code", out, errors)
+    _check_clearable(body, "email", _email, "email must be an email", out, errors)
+    region = out.get("country") or default_region
+
+    def phone(value: Any) -> str | None:
+        return normalise_phone(value, region) if isinstance(value, str) else None
+
+    _check_clearable(body, "phone", phone, "phone must be a valid phone number", out, errors)
+    _check_clearable(body, "timezone", _timezone, "timezone must be a valid IANA time zone", out, errors)
+    dob_message = f"dateOfBirth must be a valid date in one of the formats {DOB_FORMATS}"
+    _check_clearable(body, "dateOfBirth", _date_of_birth, dob_message, out, errors)
+
+
+def _check_flags_and_dnd(body: dict[str, Any], out: dict[str, Any], errors: list[str]) -> None:
     for key in ("dnd", "createNewIfDuplicateAllowed"):
         if body.get(key) is not None and not isinstance(body[key], bool):
             errors.append(f"{key} must be a boolean value")
@@ -277,32 +300,33 @@ def validate_upsert(body: dict[str, Any], location: Location) -> tuple[dict[str,
                 )
             }
 
-    if "tags" in body:
-        tags = body["tags"]
-        if tags is None:
-            out["tags"] = []
-        elif not isinstance(tags, list):
-            errors.append("tags must be an array")
-        elif not all(isinstance(t, str) for t in tags):
-            errors.append("each value in tags must be a string")
-        else:
-            # The real CRM stores tags lower-case and once each.
-            out["tags"] = list(dict.fromkeys(t.strip().lower() for t in tags if t.strip()))
 
-    if body.get("customFields") is not None:
-        custom = _custom_fields(body["customFields"], location, errors)
-        if custom is not None:
-            out["customFields"] = custom
+def _check_tags(body: dict[str, Any], out: dict[str, Any], errors: list[str]) -> None:
+    if "tags" not in body:
+        return
+    tags = body["tags"]
+    if tags is None:
+        out["tags"] = []
+    elif not isinstance(tags, list):
+        errors.append("tags must be an array")
+    elif not all(isinstance(t, str) for t in tags):
+        errors.append("each value in tags must be a string")
+    else:
+        # The real CRM stores tags lower-case and once each.
+        out["tags"] = list(dict.fromkeys(t.strip().lower() for t in tags if t.strip()))
 
-    if "assignedTo" in body:
-        user = body["assignedTo"]
-        if user is None or user == "":
-            out["assignedTo"] = None
-        elif not isinstance(user, str):
-            errors.append("assignedTo must be a string")
-        elif user not in location.users:
-            errors.append(f"assignedTo must be a user of the location (unknown: {user})")
-        else:
-            out["assignedTo"] = user
 
-    return out, errors
+def _check_assigned_to(
+    body: dict[str, Any], location: Location, out: dict[str, Any], errors: list[str]
+) -> None:
+    if "assignedTo" not in body:
+        return
+    user = body["assignedTo"]
+    if user is None or user == "":
+        out["assignedTo"] = None
+    elif not isinstance(user, str):
+        errors.append("assignedTo must be a string")
+    elif user not in location.users:
+        errors.append(f"assignedTo must be a user of the location (unknown: {user})")
+    else:
+        out["assignedTo"] = user

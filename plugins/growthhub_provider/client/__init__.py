@@ -7,13 +7,8 @@ of that location share (``local`` here; ``redis`` in :mod:`.redis_coordination`)
 
 from __future__ import annotations
 
-from growthhub_provider.client.client import (
-    BatchStats,
-    GrowthHubClient,
-    OutcomeStatus,
-    UpsertOutcome,
-    UpsertResult,
-)
+from growthhub_provider.client.batch import BatchStats, OutcomeStatus, UpsertOutcome
+from growthhub_provider.client.client import GrowthHubClient, UpsertResult
 from growthhub_provider.client.coordination import (
     Coordination,
     FileTokenStore,

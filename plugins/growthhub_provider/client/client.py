@@ -3,29 +3,28 @@ The GrowthHub client: the project's only way to talk to the GrowthHub (HighLevel
 
 It owns the HTTP contract: bearer auth (Private Integration Token, access token or OAuth with
 refresh-token rotation), the ``Version`` header, rate limiting, tenacity retries, error
-classification and concurrent, identity-serialised upserts. What several workers of one location
-must agree on (limiter, token state) comes from a :class:`Coordination`. It knows nothing of
-warehouses or of Airflow: the hook builds it from a connection.
+classification and concurrent, identity-serialised upserts (the window in :mod:`.batch`). What
+several workers of one location must agree on (limiter, token state) comes from a
+:class:`Coordination`. It knows nothing of warehouses or of Airflow: the hook builds it from a
+connection.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import queue
 import threading
 import time
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import requests
-import tenacity
 from requests_toolbelt.adapters.socket_options import TCPKeepAliveAdapter
 
+from growthhub_provider.client.batch import BatchRow, BatchStats, IdentityWindow, OutcomeStatus, UpsertOutcome
 from growthhub_provider.client.coordination import LocalCoordination, TokenState
 from growthhub_provider.client.errors import (
     GrowthHubAuthError,
@@ -42,6 +41,7 @@ from growthhub_provider.client.responses import (
     contact_in,
     identity_keys,
     json_object,
+    raise_for_status,
     read_body,
     short,
 )
@@ -49,7 +49,6 @@ from growthhub_provider.masking import mask_pii
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
-    from concurrent.futures import Future
 
     from growthhub_provider.client.coordination import Coordination, RateLimiter, TokenStore
     from growthhub_provider.client.settings import ClientConfig
@@ -57,8 +56,6 @@ if TYPE_CHECKING:
 UPSERT_ENDPOINT = "/contacts/upsert"
 OAUTH_ENDPOINT = "/oauth/token"
 _CONNECTION_TEST_CONTACT = "growthhub-connection-test"
-
-OutcomeStatus = Literal["created", "updated", "rejected", "failed", "skipped"]
 
 
 class _DailyQuotaReached(Exception):
@@ -74,49 +71,6 @@ class UpsertResult:
     trace_id: str | None
 
 
-@dataclass(frozen=True)
-class UpsertOutcome:
-    """
-    The fate of one row of :meth:`GrowthHubClient.upsert_contacts`, carrying the caller's key.
-
-    ``messages`` holds the API's list for ``rejected`` and the last error for ``failed``.
-    """
-
-    key: str
-    status: OutcomeStatus
-    contact_id: str | None = None
-    http_status: int | None = None
-    messages: list[str] = field(default_factory=list)
-    trace_id: str | None = None
-    attempts: int = 0
-
-
-@dataclass(frozen=True)
-class BatchStats:
-    """Counters of one :meth:`GrowthHubClient.upsert_contacts` call (also logged as one line)."""
-
-    sent: int
-    created: int
-    updated: int
-    rejected: int
-    failed: int
-    skipped: int
-    retried: int
-    throttled: int
-    elapsed_s: float
-
-    @property
-    def rows_per_s(self) -> float:
-        return self.sent / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-
-@dataclass
-class _Row:
-    key: str
-    payload: dict[str, Any]
-    identities: frozenset[str]
-
-
 class _BearerAuth(requests.auth.AuthBase):
     """Reads the client's current access token per request, so a refresh needs no new session."""
 
@@ -130,21 +84,6 @@ class _BearerAuth(requests.auth.AuthBase):
 
 def _no_auth(request: requests.PreparedRequest) -> requests.PreparedRequest:
     return request
-
-
-class _Backoff:
-    """Exponential backoff with jitter, except after a 429: the limiter already holds sends back."""
-
-    def __init__(self, initial_s: float, max_s: float) -> None:
-        self._exponential = tenacity.wait_exponential_jitter(
-            multiplier=initial_s, max=max_s, jitter=initial_s
-        )
-
-    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
-        error = retry_state.outcome.exception() if retry_state.outcome else None
-        if isinstance(error, GrowthHubTransientError) and error.throttled:
-            return 0.0
-        return self._exponential(retry_state)
 
 
 class GrowthHubClient:
@@ -197,7 +136,6 @@ class GrowthHubClient:
         for secret in config.secrets:
             self._learn_secret(secret)
         self.last_batch_stats: BatchStats | None = None
-        self._backoff = _Backoff(config.retry.backoff_initial_s, config.retry.backoff_max_s)
         self._session_lock = threading.Lock()
         self._session: requests.Session | None = None
         self._limiter: RateLimiter | None = None
@@ -466,48 +404,11 @@ class GrowthHubClient:
                 if self._auth_failure:
                     raise GrowthHubAuthError(self._auth_failure)
                 response = self._send(method, endpoint, body, None)
-            self._raise_for_status(response)
+            raise_for_status(response, self._scrub)
         except GrowthHubAuthError as e:
             self._auth_failure = str(e)
             raise
         return response
-
-    def _raise_for_status(self, response: requests.Response) -> None:
-        status = response.status_code
-        if status < 400:
-            return
-        messages = [self._scrub(m) for m in api_messages(response)]
-        joined = short("; ".join(messages))
-        if status in (401, 403):
-            raise GrowthHubAuthError(f"{status}: {joined}")
-        if status == 400 and any("version" in m.lower() for m in messages):
-            raise GrowthHubConfigError(f"400: {joined} (check the connection's api_version)")
-        if status == 404:
-            raise GrowthHubNotFound(f"404: {joined}")
-        if status == 429 or status >= 500:
-            raise GrowthHubTransientError(status, joined)
-        raise GrowthHubRejected(status, messages)
-
-    def _retrying(self, abort: threading.Event | None = None) -> tenacity.Retrying:
-        policy = self.config.retry
-        stop = tenacity.stop_after_attempt(policy.max_attempts) | tenacity.stop_after_delay(
-            policy.max_seconds
-        )
-        if abort is not None:
-            stop = stop | (lambda _: abort.is_set())
-        return tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(
-                (
-                    GrowthHubTransientError,
-                    requests.ConnectionError,
-                    requests.Timeout,
-                    requests.exceptions.ChunkedEncodingError,
-                )
-            ),
-            stop=stop,
-            wait=self._backoff,
-            reraise=True,
-        )
 
     def _with_location(self, payload: dict[str, Any]) -> dict[str, Any]:
         if payload.get("locationId") or not self.config.location_id:
@@ -526,7 +427,7 @@ class GrowthHubClient:
         :raises GrowthHubBadResponse: a 2xx whose body is unusable (see the class docstring).
         """
         body = self._with_location(payload)
-        response = self._retrying()(self._call, "POST", UPSERT_ENDPOINT, body)
+        response = self.config.retry.retrying()(self._call, "POST", UPSERT_ENDPOINT, body)
         return self._upsert_result(response)
 
     @staticmethod
@@ -545,7 +446,7 @@ class GrowthHubClient:
 
         :raises GrowthHubNotFound: unknown id, or a contact of another location.
         """
-        response = self._retrying()(self._call, "GET", f"/contacts/{quote(contact_id, safe='')}")
+        response = self.config.retry.retrying()(self._call, "GET", f"/contacts/{quote(contact_id, safe='')}")
         return contact_in(json_object(response), response.status_code)
 
     def check(self) -> tuple[bool, str]:
@@ -558,7 +459,7 @@ class GrowthHubClient:
             return False, self._scrub(str(e))
         return True, f"Connected to {self.base_url} (API version {self.config.api_version})"
 
-    def _upsert_row(self, row: _Row, daily_reserve: int, abort: threading.Event) -> UpsertOutcome:
+    def _upsert_row(self, row: BatchRow, daily_reserve: int, abort: threading.Event) -> UpsertOutcome:
         attempts = 0
 
         def attempt() -> requests.Response:
@@ -568,7 +469,7 @@ class GrowthHubClient:
             return self._call("POST", UPSERT_ENDPOINT, row.payload, daily_reserve if attempts == 1 else None)
 
         try:
-            result = self._upsert_result(self._retrying(abort)(attempt))
+            result = self._upsert_result(self.config.retry.retrying(abort)(attempt))
         except _DailyQuotaReached:
             return UpsertOutcome(row.key, "skipped")
         except GrowthHubRejected as e:
@@ -614,79 +515,38 @@ class GrowthHubClient:
         started = time.monotonic()
         throttled_before = self._throttled
         counts: Counter[str] = Counter()
-        source = iter(rows)
-        exhausted = False
-        waiting: list[_Row] = []
-        busy: set[str] = set()
-        in_flight: dict[Future[UpsertOutcome], _Row] = {}
-        # Completed futures arrive here: O(1) per row, where wait() re-scans the whole window.
-        finished: queue.SimpleQueue[Future[UpsertOutcome]] = queue.SimpleQueue()
         abort = threading.Event()
-        window = 4 * self.config.max_workers
-        executor = ThreadPoolExecutor(max_workers=self.config.max_workers, thread_name_prefix="growthhub")
-
-        def start_ready() -> None:
-            held: set[str] = set()  # identities of earlier waiting rows keep their place in line
-            still_waiting = []
-            for row in waiting:
-                if row.identities & busy or row.identities & held:
-                    held |= row.identities
-                    still_waiting.append(row)
-                    continue
-                busy.update(row.identities)
-                future = executor.submit(self._upsert_row, row, daily_reserve, abort)
-                in_flight[future] = row
-                future.add_done_callback(finished.put)
-            waiting[:] = still_waiting
-
+        window = IdentityWindow(
+            self.config.max_workers, lambda row: self._upsert_row(row, daily_reserve, abort)
+        )
+        batch_rows = (
+            BatchRow(key, self._with_location(payload), identity_keys(payload)) for key, payload in rows
+        )
         try:
-            while True:
-                while not exhausted and len(in_flight) + len(waiting) < window:
-                    try:
-                        key, payload = next(source)
-                    except StopIteration:
-                        exhausted = True
-                        break
-                    waiting.append(_Row(key, self._with_location(payload), identity_keys(payload)))
-                start_ready()
-                if not in_flight:
-                    break
-                done = [finished.get()]
-                with contextlib.suppress(queue.Empty):
-                    while True:
-                        done.append(finished.get_nowait())
-                for future in done:
-                    busy.difference_update(in_flight.pop(future).identities)
-                    outcome = future.result()
-                    counts[outcome.status] += 1
-                    counts["retried"] += max(outcome.attempts - 1, 0)
-                    if outcome.status in ("rejected", "failed"):
-                        self.log.log(
-                            logging.WARNING if outcome.status == "failed" else logging.DEBUG,
-                            "Row %s %s (HTTP %s): %s",
-                            outcome.key,
-                            outcome.status,
-                            outcome.http_status,
-                            self._log_text("; ".join(outcome.messages)),
-                        )
-                    yield outcome
+            for outcome in window.outcomes(batch_rows):
+                self._count(counts, outcome)
+                yield outcome
         finally:
             abort.set()
-            executor.shutdown(wait=True, cancel_futures=True)
+            window.close()
             self._finish_batch(counts, self._throttled - throttled_before, time.monotonic() - started)
 
+    def _count(self, counts: Counter[str], outcome: UpsertOutcome) -> None:
+        """Count one outcome; log a failed row as a warning, a rejected one (quarantined) at debug."""
+        counts[outcome.status] += 1
+        counts["retried"] += max(outcome.attempts - 1, 0)
+        if outcome.status in ("rejected", "failed"):
+            self.log.log(
+                logging.WARNING if outcome.status == "failed" else logging.DEBUG,
+                "Row %s %s (HTTP %s): %s",
+                outcome.key,
+                outcome.status,
+                outcome.http_status,
+                self._log_text("; ".join(outcome.messages)),
+            )
+
     def _finish_batch(self, counts: Counter[str], throttled: int, elapsed_s: float) -> None:
-        stats = BatchStats(
-            sent=sum(counts[s] for s in ("created", "updated", "rejected", "failed")),
-            created=counts["created"],
-            updated=counts["updated"],
-            rejected=counts["rejected"],
-            failed=counts["failed"],
-            skipped=counts["skipped"],
-            retried=counts["retried"],
-            throttled=throttled,
-            elapsed_s=elapsed_s,
-        )
+        stats = BatchStats.from_counts(counts, throttled, elapsed_s)
         self.last_batch_stats = stats
         daily_remaining = None
         with contextlib.suppress(GrowthHubError):  # an unreachable shared state is already raised

@@ -1,5 +1,6 @@
 """
-Reading GrowthHub's answers: capped bodies, JSON checks, the API's error messages.
+Reading GrowthHub's answers: capped bodies, JSON checks, the API's error messages and what kind of
+error a status is.
 
 Bodies come from a server we do not control (or from a proxy in front of it), so nothing here
 trusts their size, encoding or shape, and nothing quotes more than a short, one-line excerpt.
@@ -8,11 +9,21 @@ trusts their size, encoding or shape, and nothing quotes more than a short, one-
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import requests
 
-from growthhub_provider.client.errors import GrowthHubBadResponse
+from growthhub_provider.client.errors import (
+    GrowthHubAuthError,
+    GrowthHubBadResponse,
+    GrowthHubConfigError,
+    GrowthHubNotFound,
+    GrowthHubRejected,
+    GrowthHubTransientError,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 # An upsert answer is a few KB; a body past this comes from something broken (a proxy, a bug) and
 # is cut, its connection dropped, rather than read into a worker's memory.
@@ -90,6 +101,28 @@ def api_messages(response: requests.Response) -> list[str]:
     if message:
         return [short(str(message))]
     return [fallback]
+
+
+def raise_for_status(response: requests.Response, scrub: Callable[[str], str]) -> None:
+    """
+    Raise the error class of an error answer (each maps to one outcome); an answer under 400 passes.
+
+    :param scrub: takes the client's secrets out of the messages: bodies may echo what was sent.
+    """
+    status = response.status_code
+    if status < 400:
+        return
+    messages = [scrub(m) for m in api_messages(response)]
+    joined = short("; ".join(messages))
+    if status in (401, 403):
+        raise GrowthHubAuthError(f"{status}: {joined}")
+    if status == 400 and any("version" in m.lower() for m in messages):
+        raise GrowthHubConfigError(f"400: {joined} (check the connection's api_version)")
+    if status == 404:
+        raise GrowthHubNotFound(f"404: {joined}")
+    if status == 429 or status >= 500:
+        raise GrowthHubTransientError(status, joined)
+    raise GrowthHubRejected(status, messages)
 
 
 def read_body(response: requests.Response) -> str | None:

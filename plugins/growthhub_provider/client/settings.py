@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import requests
+import tenacity
 
 from growthhub_provider.client.coordination import LimitSettings
-from growthhub_provider.client.errors import GrowthHubConfigError
+from growthhub_provider.client.errors import GrowthHubConfigError, GrowthHubTransientError
+
+if TYPE_CHECKING:
+    import threading
 
 DEFAULT_API_VERSION = "2023-02-21"
 # Tuned with bench/bench_hook.py: enough requests in flight to hide ~50 ms of latency.
@@ -67,6 +73,21 @@ class OAuthCredentials:
     refresh_token: str = field(repr=False)
 
 
+class _Backoff:
+    """Exponential backoff with jitter, except after a 429: the limiter already holds sends back."""
+
+    def __init__(self, initial_s: float, max_s: float) -> None:
+        self._exponential = tenacity.wait_exponential_jitter(
+            multiplier=initial_s, max=max_s, jitter=initial_s
+        )
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        error = retry_state.outcome.exception() if retry_state.outcome else None
+        if isinstance(error, GrowthHubTransientError) and error.throttled:
+            return 0.0
+        return self._exponential(retry_state)
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """
@@ -82,6 +103,29 @@ class RetryPolicy:
     max_seconds: float = 120.0
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
+
+    def retrying(self, abort: threading.Event | None = None) -> tenacity.Retrying:
+        """
+        A tenacity loop of this policy for one call or row.
+
+        :param abort: once set, no further attempt starts (a batch that is being torn down).
+        """
+        stop = tenacity.stop_after_attempt(self.max_attempts) | tenacity.stop_after_delay(self.max_seconds)
+        if abort is not None:
+            stop = stop | (lambda _: abort.is_set())
+        return tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(
+                (
+                    GrowthHubTransientError,
+                    requests.ConnectionError,
+                    requests.Timeout,
+                    requests.exceptions.ChunkedEncodingError,
+                )
+            ),
+            stop=stop,
+            wait=_Backoff(self.backoff_initial_s, self.backoff_max_s),
+            reraise=True,
+        )
 
 
 @dataclass(frozen=True)

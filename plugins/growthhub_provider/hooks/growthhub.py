@@ -50,7 +50,8 @@ class GrowthHubHook(HttpHook):
     Upsert contacts into GrowthHub, fast and within the API's limits.
 
     Connection (``conn_type`` ``growthhub``): host is the base URL, password the Private
-    Integration Token or access token; extras ``location_id``, ``api_version``, ``client_id``,
+    Integration Token or access token; extras ``location_id`` (used when the hook is given none,
+    must agree when it is), ``api_version``, ``client_id``,
     ``client_secret``, ``refresh_token`` (OAuth), ``coordination``, ``refresh_token_file``,
     ``rate_limit_burst``, ``rate_limit_interval_ms``, ``rate_limit_daily``, ``max_workers``,
     ``timeout``, ``verify``, ``trust_env``, ``log_pii``. ``verify`` is true unless the extra says
@@ -62,6 +63,11 @@ class GrowthHubHook(HttpHook):
     Redis, for Celery workers on several hosts).
 
     :param growthhub_conn_id: the connection to use.
+    :param location_id: the location this hook serves, from the sync config; the source of truth.
+        It fills payloads without ``locationId`` and keys the limiter and the coordination state;
+        a connection whose extra ``location_id`` names another location is refused
+        (:class:`GrowthHubConfigError`), or it would throttle this location's traffic under the
+        other's limits. Without it, the extra's location is used.
     :param max_workers: concurrent requests of :meth:`upsert_contacts` (default: connection extra,
         else ``DEFAULT_MAX_WORKERS``).
     :param max_attempts: attempts per row for transient errors (429, 5xx, timeouts, dropped connections).
@@ -80,6 +86,7 @@ class GrowthHubHook(HttpHook):
         self,
         growthhub_conn_id: str = default_conn_name,
         *,
+        location_id: str | None = None,
         max_workers: int | None = None,
         max_attempts: int = 6,
         max_retry_seconds: float = 120.0,
@@ -89,6 +96,7 @@ class GrowthHubHook(HttpHook):
     ) -> None:
         super().__init__(method="POST", http_conn_id=growthhub_conn_id)
         self.growthhub_conn_id = growthhub_conn_id
+        self._location_id = location_id
         self._max_workers = max_workers
         self._retry = RetryPolicy(max_attempts, max_retry_seconds, backoff_initial_s, backoff_max_s)
         self._coordination = coordination
@@ -116,9 +124,27 @@ class GrowthHubHook(HttpHook):
                 f"Connection {self.growthhub_conn_id!r}: extra {name}={value!r} is not a whole number"
             ) from None
 
+    def _resolve_location_id(self) -> str | None:
+        """The sync config's location if the hook was given one, else the connection's extra."""
+        extra = self.extras.get("location_id")
+        if self._location_id is None:
+            return extra
+        if extra is not None and str(extra) != self._location_id:
+            raise GrowthHubConfigError(
+                f"Connection {self.growthhub_conn_id!r}: extra location_id={extra!r} differs from the "
+                f"location {self._location_id!r} the sync config uses it for; remove the extra or make it "
+                f"{self._location_id!r}"
+            )
+        return self._location_id
+
     @cached_property
     def config(self) -> ClientConfig:
-        """The client's settings, read once from the connection (extras win over defaults)."""
+        """
+        The client's settings, read once from the connection (extras win over defaults).
+
+        :raises GrowthHubConfigError: an extra is invalid, or names another location than the hook's.
+        """
+        location_id = self._resolve_location_id()
         conn = self.connection
         # url_from_endpoint is HttpHook's public way to the base URL (scheme, host and port).
         base_url = self.url_from_endpoint("").rstrip("/")
@@ -141,7 +167,7 @@ class GrowthHubHook(HttpHook):
             base_url=base_url,
             name=self.growthhub_conn_id,
             token=conn.password or None,
-            location_id=extras.get("location_id"),
+            location_id=location_id,
             api_version=str(extras.get("api_version") or DEFAULT_API_VERSION),
             oauth=oauth,
             limits=LimitSettings(
@@ -217,7 +243,7 @@ class GrowthHubHook(HttpHook):
 
     @property
     def location_id(self) -> str | None:
-        """The connection's location, filled into payloads that carry none."""
+        """The location this hook serves: fills payloads that carry none and keys the limits."""
         return self.config.location_id
 
     @property
