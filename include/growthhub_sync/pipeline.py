@@ -180,25 +180,8 @@ def finalize_run(
     details = {**total.as_dict(), "reject_rate": total.reject_rate, "data_docs": docs, "error": error}
     if leftovers is not None and leftovers.extracted:
         details["leftovers"] = {**leftovers.outcome_counts(), "displaced": leftovers.displaced}
-    row = {
-        "run_id": o.run_id,
-        "location": loc.name,
-        "dag_id": o.dag_id,
-        "window_start": win.start,
-        "window_end": win.end,
-        "dry_run": o.dry_run,
-        "full_refresh": o.full_refresh,
-        "batches": n,
-        **total.outcome_counts(),
-        "warnings": total.warnings,
-        "invariant_ok": total.invariant_ok,
-        "status": status,
-        "details": details,
-        "started_at": state.utcnow(),
-        "finished_at": state.utcnow(),
-    }
     with eng.begin() as conn:
-        state.write_run(conn, tables, row)
+        state.write_run(conn, tables, _run_row(o, loc, win, total, n, status, details))
     if not o.dry_run and total.accounted > total.unchanged:
         state.analyze(eng, tables)
     log.info(
@@ -218,6 +201,35 @@ def finalize_run(
         "invariant_ok": total.invariant_ok,
         "dry_run": o.dry_run,
         "threshold_breached": total.reject_rate > config.quality.reject_rate_threshold,
+    }
+
+
+def _run_row(
+    o: SyncOptions,
+    loc: LocationConfig,
+    win: Window,
+    total: Summary,
+    batches: int,
+    status: str,
+    details: dict[str, Any],
+) -> dict[str, Any]:
+    now = state.utcnow()
+    return {
+        "run_id": o.run_id,
+        "location": loc.name,
+        "dag_id": o.dag_id,
+        "window_start": win.start,
+        "window_end": win.end,
+        "dry_run": o.dry_run,
+        "full_refresh": o.full_refresh,
+        "batches": batches,
+        **total.outcome_counts(),
+        "warnings": total.warnings,
+        "invariant_ok": total.invariant_ok,
+        "status": status,
+        "details": details,
+        "started_at": now,  # kept from plan's row when there is one (write_run never updates it)
+        "finished_at": now,
     }
 
 

@@ -198,7 +198,7 @@ def test_coordination_naming_no_redis_connection_fails_at_plan_naming_the_locati
                 "conn_type": "growthhub",
                 "host": "http://127.0.0.1:9",
                 "password": "pit-unused",
-                "extra": {"location_id": "loc1", "coordination": coordination},
+                "extra": {"location_id": "rel-loc", "coordination": coordination},
             }
         ),
     )
@@ -206,6 +206,28 @@ def test_coordination_naming_no_redis_connection_fails_at_plan_naming_the_locati
     cfg = parse_config(_set(_data(sqlite_wh, tmp_path), "locations.0.conn_id", "growthhub_coordinated"))
     with pytest.raises(ConfigError, match=rf"locations\[default\]\.conn_id: .*{match}"):
         plan_sync(cfg, "default", None, engine=sqlite_wh.engine, options=OPTS)
+
+
+def test_a_connection_naming_another_location_fails_at_plan_naming_both(
+    sqlite_wh: Warehouse, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The config's location id keys the limiter and fills the payloads: a connection disagreeing is a config error."""
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_GROWTHHUB_OTHER",
+        json.dumps(
+            {
+                "conn_type": "growthhub",
+                "host": "http://127.0.0.1:9",
+                "password": "pit-unused",
+                "extra": {"location_id": "someone-else"},
+            }
+        ),
+    )
+    seed_demo(sqlite_wh.engine, 5)
+    cfg = parse_config(_set(_data(sqlite_wh, tmp_path), "locations.0.conn_id", "growthhub_other"))
+    with pytest.raises(ConfigError, match=r"locations\[default\]\.conn_id: .*'someone-else'.*'rel-loc'"):
+        plan_sync(cfg, "default", None, engine=sqlite_wh.engine, options=OPTS)
+    assert ledger(sqlite_wh, cfg) == []
 
 
 def test_undefined_growthhub_connection_fails_the_sync_naming_it_before_any_row_is_recorded(
