@@ -10,49 +10,14 @@ from __future__ import annotations
 import html
 import logging
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ImportString
+from growthhub_sync.config import AlertsConfig, EmailChannel, SlackChannel
 
 if TYPE_CHECKING:
     from airflow.sdk import BaseNotifier
 
 log = logging.getLogger(__name__)
-
-
-class _Channel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SlackChannel(_Channel):
-    type: Literal["slack"]
-    conn_id: str = "slack_api_default"
-    channel: str = "#data-alerts"
-
-
-class EmailChannel(_Channel):
-    type: Literal["email"]
-    to: list[str] = Field(min_length=1)
-    conn_id: str = "smtp_default"
-
-
-class CustomChannel(_Channel):
-    """Any notifier class; it is called with ``text=<message>`` plus ``kwargs``."""
-
-    type: Literal["custom"]
-    class_path: ImportString[type]
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-
-
-Channel = Annotated[SlackChannel | EmailChannel | CustomChannel, Field(discriminator="type")]
-
-
-class AlertsConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    channels: list[Channel] = Field(default_factory=list)
-    # how many distinct error messages the alert lists
-    top_errors: int = Field(default=5, ge=0, le=50)
 
 
 def format_alert(

@@ -1,11 +1,12 @@
 """Quality checks as a Great Expectations (GX Core 1.x) suite, validated per batch.
 
-The suite asserts on the columns :mod:`growthhub_sync.mapping` produced: validity flags of
-the normalisers (email, phone, date of birth, website, country, time zone), small enums
-checked by GX itself (gender, dnd statuses), the E.164 / ISO-date shape of normalised
-values, and the presence of an identity. ``COMPLETE`` results give the failing row indexes, turned into
-reasons per row. Each batch's validation result is stored as JSON under ``results_dir``;
-:func:`build_data_docs` renders them as HTML under ``data_docs_dir``.
+The suite asserts on the columns :mod:`growthhub_sync.mapping` produced, as the field registry
+(:mod:`growthhub_sync.fields`) declares them: validity flags of the normalisers (email, phone,
+date of birth, website, country, time zone), small enums checked by GX itself (gender, dnd
+statuses), the E.164 / ISO-date shape of normalised values, and the presence of an identity.
+``COMPLETE`` results give the failing row indexes, turned into reasons per row. Each batch's
+validation result is stored as JSON under ``results_dir``; :func:`build_data_docs` renders them
+as HTML under ``data_docs_dir``.
 
 Both are folders of GX's ``TupleFilesystemStoreBackend``: GX Core 1.x ships no S3, GCS or Azure
 store backend. The batches of one run may validate on several Celery workers and the run's finalize
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from growthhub_sync.mapping import DND_STATUSES, INBOUND_DND_STATUSES
+from growthhub_sync.fields import DND_STATUSES, FIELDS, INBOUND_DND_STATUSES, NORMALISED
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -32,8 +33,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 SUITE_NAME = "growthhub_contacts"
-_E164 = r"^\+[1-9]\d{6,14}$"
-_ISO_DATE = r"^\d{4}-\d{2}-\d{2}$"
 
 
 def _quiet_gx() -> None:
@@ -53,9 +52,9 @@ class _Check:
 
 
 def _expectations(config: SyncConfig, present: set[str]) -> list[_Check]:
+    """The suite for the check columns ``present``; its order is the order of a row's reasons."""
     import great_expectations.expectations as gxe
 
-    q = config.quality
     checks = [
         _Check(
             "identity",
@@ -65,55 +64,40 @@ def _expectations(config: SyncConfig, present: set[str]) -> list[_Check]:
     ]
     # Normalisers decide these (libraries know the rules; a 600-value set in GX would cost
     # ~0.2 s per batch in configuration overhead); GX asserts and reports their verdicts.
-    for name in ("email", "phone", "dateOfBirth", "website", "country", "timezone"):
-        if f"{name}_ok" in present:
-            checks.append(
-                _Check(
-                    name,
-                    gxe.ExpectColumnValuesToBeInSet(column=f"{name}_ok", value_set=[True]),
-                    f"{name}: invalid",
-                    name,
-                )
-            )
-    if "phone" in present:
-        checks.append(
-            _Check(
-                "phone",
-                gxe.ExpectColumnValuesToMatchRegex(column="phone", regex=_E164),
-                "phone: not E.164 after normalisation",
-                "phone",
-            )
+    checks += [
+        _Check(
+            f.check, gxe.ExpectColumnValuesToBeInSet(column=f"{f.key}_ok", value_set=[True]), f.invalid, f.key
         )
-    if "dateOfBirth" in present:
-        checks.append(
-            _Check(
-                "dateOfBirth",
-                gxe.ExpectColumnValuesToMatchRegex(column="dateOfBirth", regex=_ISO_DATE),
-                "dateOfBirth: not YYYY-MM-DD after normalisation",
-                "dateOfBirth",
-            )
+        for f in NORMALISED
+        if f.check and f"{f.key}_ok" in present
+    ]
+    checks += [
+        _Check(
+            f.check, gxe.ExpectColumnValuesToMatchRegex(column=f.key, regex=f.shape), f.shape_reason, f.key
         )
-    if "gender" in present:
-        checks.append(
-            _Check(
-                "gender",
-                gxe.ExpectColumnValuesToBeInSet(column="gender", value_set=list(q.genders)),
-                "gender: {value!r} is not one of " + ", ".join(q.genders),
-                "gender",
-            )
-        )
+        for f in FIELDS
+        if f.check and f.shape and f.key in present
+    ]
+    for f in FIELDS:
+        if f.check and f.choices and f.key in present:
+            checks.append(_one_of(f.check, f.key, f.key, f.choices(config)))
     for col in sorted(c for c in present if c.startswith("dnd_")):
         allowed = INBOUND_DND_STATUSES if col == "dnd_inbound" else DND_STATUSES
         label = "inboundDndSettings" if col == "dnd_inbound" else f"dndSettings.{col[4:]}"
-        checks.append(
-            _Check(
-                "dnd",
-                gxe.ExpectColumnValuesToBeInSet(column=col, value_set=list(allowed)),
-                f"{label}: {{value!r}} is not one of {', '.join(allowed)}",
-                col,
-            )
-        )
+        checks.append(_one_of("dnd", col, label, allowed))
     return checks
+
+
+def _one_of(check: str, column: str, label: str, allowed: Sequence[str]) -> _Check:
+    """A small enum GX checks itself: the allowed values are few, and the config's or the API's."""
+    import great_expectations.expectations as gxe
+
+    return _Check(
+        check,
+        gxe.ExpectColumnValuesToBeInSet(column=column, value_set=list(allowed)),
+        f"{label}: {{value!r}} is not one of {', '.join(allowed)}",
+        column,
+    )
 
 
 @dataclass

@@ -13,12 +13,21 @@ import os
 import re
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ImportString,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
-from growthhub_sync.alerts import AlertsConfig
+from growthhub_sync.fields import CHECKS, DND_CHANNELS, FIELDS
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -28,11 +37,6 @@ DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
 
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-CHECKS = ("identity", "email", "phone", "dateOfBirth", "country", "timezone", "website", "gender", "dnd")
-"""Quality checks a config may list as errors; ``duplicate`` identities are always errors."""
-
-DND_CHANNELS = ("Call", "Email", "SMS", "WhatsApp", "GMB", "FB")
 
 
 class ConfigError(ValueError):
@@ -121,35 +125,23 @@ def _field(value: Any) -> Any:
     return {"column": value} if isinstance(value, str) else value
 
 
-class Fields(_Model):
-    """GrowthHub Upsert Contact field ← source column (a name, or ``{column, on_null}``)."""
-
-    firstName: FieldMap | None = None
-    lastName: FieldMap | None = None
-    name: FieldMap | None = None
-    email: FieldMap | None = None
-    phone: FieldMap | None = None
-    gender: FieldMap | None = None
-    address1: FieldMap | None = None
-    city: FieldMap | None = None
-    state: FieldMap | None = None
-    postalCode: FieldMap | None = None
-    website: FieldMap | None = None
-    timezone: FieldMap | None = None
-    dnd: FieldMap | None = None
-    source: FieldMap | None = None
-    dateOfBirth: FieldMap | None = None
-    country: FieldMap | None = None
-    companyName: FieldMap | None = None
-    assignedTo: FieldMap | None = None
-
+class _FieldsBase(_Model):
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, data: Any) -> Any:
         return {k: _field(v) for k, v in data.items()} if isinstance(data, dict) else data
 
     def items(self) -> list[tuple[str, FieldMap]]:
+        """The mapped fields, in registry order."""
         return [(name, fm) for name, fm in self if fm is not None]
+
+
+Fields = create_model(  # one optional attribute per field of the registry: fields.email, ...
+    "Fields",
+    __base__=_FieldsBase,
+    __doc__="GrowthHub Upsert Contact field ← source column (a name, or ``{column, on_null}``).",
+    **{f.key: (FieldMap | None, None) for f in FIELDS},
+)
 
 
 class CustomFieldMap(_Model):
@@ -195,9 +187,7 @@ class MappingConfig(_Model):
     fields: Fields = Field(default_factory=Fields)
     custom_fields: list[CustomFieldMap] = Field(default_factory=list)
     tags: TagsMap | None = None
-    dnd_settings: dict[Literal["Call", "Email", "SMS", "WhatsApp", "GMB", "FB"], str] = Field(
-        default_factory=dict
-    )
+    dnd_settings: dict[Literal[DND_CHANNELS], str] = Field(default_factory=dict)  # type: ignore[valid-type]
     inbound_dnd: str | None = None
 
     @field_validator("dnd_settings")
@@ -215,14 +205,16 @@ class MappingConfig(_Model):
             raise ValueError("map at least one of fields.email or fields.phone: they identify the contact")
         return self
 
-    def columns(self) -> list[str]:
-        """Every source column the mapping reads, in a stable order."""
-        cols = [fm.column for _, fm in self.fields.items()]
-        cols += [cf.column for cf in self.custom_fields]
-        cols += [self.tags.column] if self.tags else []
-        cols += list(self.dnd_settings.values())
-        cols += [self.inbound_dnd] if self.inbound_dnd else []
-        return list(dict.fromkeys(cols))
+    def column_keys(self) -> list[tuple[str, str]]:
+        """``(config key, column)`` for every column the mapping reads, in a stable order."""
+        keys = [(f"mapping.fields.{name}.column", fm.column) for name, fm in self.fields.items()]
+        keys += [(f"mapping.custom_fields.{i}.column", cf.column) for i, cf in enumerate(self.custom_fields)]
+        if self.tags:
+            keys.append(("mapping.tags.column", self.tags.column))
+        keys += [(f"mapping.dnd_settings.{ch}", col) for ch, col in self.dnd_settings.items()]
+        if self.inbound_dnd:
+            keys.append(("mapping.inbound_dnd", self.inbound_dnd))
+        return keys
 
 
 class QualityConfig(_Model):
@@ -276,6 +268,43 @@ class StateConfig(_Model):
         return value
 
 
+class _Channel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SlackChannel(_Channel):
+    type: Literal["slack"]
+    conn_id: str = "slack_api_default"
+    channel: str = "#data-alerts"
+
+
+class EmailChannel(_Channel):
+    type: Literal["email"]
+    to: list[str] = Field(min_length=1)
+    conn_id: str = "smtp_default"
+
+
+class CustomChannel(_Channel):
+    """Any notifier class; it is called with ``text=<message>`` plus ``kwargs``."""
+
+    type: Literal["custom"]
+    class_path: ImportString[type]
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+Channel = Annotated[SlackChannel | EmailChannel | CustomChannel, Field(discriminator="type")]
+
+
+class AlertsConfig(BaseModel):
+    """Where alerts go (:mod:`growthhub_sync.alerts` builds the notifiers); none: an ERROR log line."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    channels: list[Channel] = Field(default_factory=list)
+    # how many distinct error messages the alert lists
+    top_errors: int = Field(default=5, ge=0, le=50)
+
+
 class SyncConfig(_Model):
     source: SourceConfig = Field(default_factory=SourceConfig)
     locations: list[LocationConfig] = Field(min_length=1)
@@ -290,7 +319,10 @@ class SyncConfig(_Model):
     """Cron of growthhub_quarantine_replay; null: triggered by hand only."""
     alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     batch_size: int = Field(default=5000, ge=1, le=100_000)
-    """Rows per chunk: one ledger query, one GX validation, one flush of state per chunk."""
+    """Rows per mapped sync task: the plan cuts a run's rows into key ranges of this many."""
+    chunk_size: int | None = Field(default=None, ge=1, le=100_000)
+    """Rows per chunk inside a sync task: one ledger query, one GX validation, one flush of state
+    per chunk. Unset: ``batch_size``, at most 5,000 (a chunk's rows and payloads stay in memory)."""
 
     @field_validator("schedule", "replay_schedule")
     @classmethod
@@ -311,6 +343,11 @@ class SyncConfig(_Model):
             raise ValueError(f"duplicate location names: {dupes}")
         return self
 
+    @property
+    def rows_per_chunk(self) -> int:
+        """``chunk_size``, else ``batch_size`` capped at 5,000."""
+        return self.chunk_size if self.chunk_size is not None else min(self.batch_size, 5000)
+
     def location(self, name: str) -> LocationConfig:
         for loc in self.locations:
             if loc.name == name:
@@ -325,12 +362,20 @@ class SyncConfig(_Model):
         )
         return hashlib.blake2b(blob.encode(), digest_size=8).hexdigest()
 
+    def column_keys(self) -> list[tuple[str, str]]:
+        """``(config key, column)`` for every column a sync reads: key, updated-at, mapped, filters."""
+        keys = [
+            ("source.key_column", self.source.key_column),
+            ("source.updated_at_column", self.source.updated_at_column),
+            *self.mapping.column_keys(),
+        ]
+        for i, loc in enumerate(self.locations):
+            keys += [(f"locations.{i}.filter.{col}", col) for col in loc.filter]
+        return keys
+
     def source_columns(self) -> list[str]:
-        """Every column a sync reads: key, updated-at, mapped and filter columns."""
-        cols = [self.source.key_column, self.source.updated_at_column, *self.mapping.columns()]
-        for loc in self.locations:
-            cols += list(loc.filter)
-        return list(dict.fromkeys(cols))
+        """Every column a sync reads, each once, in a stable order."""
+        return list(dict.fromkeys(col for _, col in self.column_keys()))
 
 
 def _format_errors(exc: ValidationError, origin: str) -> str:
@@ -372,21 +417,8 @@ def validate_source_columns(config: SyncConfig, engine: Engine) -> None:
         real = {c["name"] for c in inspect(engine).get_columns(src.table, schema=src.schema_)}
     except Exception as exc:  # NoSuchTableError and driver errors alike
         raise ConfigError(f"source.table: table {src.table!r} not found ({type(exc).__name__})") from None
-    wanted: list[tuple[str, str]] = [
-        ("source.key_column", src.key_column),
-        ("source.updated_at_column", src.updated_at_column),
+    missing = [
+        f"{key}: column {col!r} not in {src.table}" for key, col in config.column_keys() if col not in real
     ]
-    wanted += [(f"mapping.fields.{name}.column", fm.column) for name, fm in config.mapping.fields.items()]
-    wanted += [
-        (f"mapping.custom_fields.{i}.column", cf.column) for i, cf in enumerate(config.mapping.custom_fields)
-    ]
-    if config.mapping.tags:
-        wanted.append(("mapping.tags.column", config.mapping.tags.column))
-    wanted += [(f"mapping.dnd_settings.{ch}", col) for ch, col in config.mapping.dnd_settings.items()]
-    if config.mapping.inbound_dnd:
-        wanted.append(("mapping.inbound_dnd", config.mapping.inbound_dnd))
-    for i, loc in enumerate(config.locations):
-        wanted += [(f"locations.{i}.filter.{col}", col) for col in loc.filter]
-    missing = [f"{key}: column {col!r} not in {src.table}" for key, col in wanted if col not in real]
     if missing:
         raise ConfigError("invalid sync config:\n  " + "\n  ".join(missing))

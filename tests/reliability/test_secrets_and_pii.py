@@ -37,7 +37,7 @@ from growthhub_provider.client import FileTokenStore
 from growthhub_provider.hooks.growthhub import GrowthHubHook
 from growthhub_sandbox.testing import SandboxAdmin, SandboxProcess
 from growthhub_sync.demo import contacts_table, seed_demo
-from growthhub_sync.mapping import normalise_phone
+from growthhub_sync.normalise import normalise_phone
 from growthhub_sync.pipeline import SyncOptions, sync
 
 pytestmark = pytest.mark.integration

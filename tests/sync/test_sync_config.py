@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +87,8 @@ class TestLoadConfig:
             ("locations.0.filter", {"region; --": "x"}, "locations.0.filter"),
             ("state.prefix", "x-", "state.prefix"),
             ("batch_size", 0, "batch_size"),
+            ("chunk_size", 0, "chunk_size"),
+            ("chunk_size", 100_001, "chunk_size"),
             ("surprise", 1, "surprise"),
         ],
     )
@@ -124,6 +128,32 @@ class TestLoadConfig:
         assert cfg.mapping.fields.city.on_null == "clear"
 
 
+class TestChunks:
+    @pytest.mark.parametrize(
+        ("batch_size", "chunk_size", "rows"),
+        [(300, None, 300), (5000, None, 5000), (20_000, None, 5000), (20_000, 700, 700), (300, 700, 700)],
+    )
+    def test_rows_per_chunk_is_chunk_size_else_batch_size_capped(
+        self, batch_size: int, chunk_size: int | None, rows: int
+    ) -> None:
+        data = {**copy.deepcopy(DEFAULT), "batch_size": batch_size, "chunk_size": chunk_size}
+        assert parse_config(data).rows_per_chunk == rows
+
+    def test_chunk_size_is_unset_by_default(self) -> None:
+        assert load_config().chunk_size is None
+
+
+def test_config_imports_no_airflow_glue() -> None:
+    # config is read at DAG parse time and by the CLI: it must not build notifiers or load Airflow
+    code = (
+        "import sys, growthhub_sync.config as c; c.load_config();"
+        "print(sorted(m for m in sys.modules"
+        " if m.split('.')[0] == 'airflow' or m == 'growthhub_sync.alerts'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 class TestSourceColumns:
     @pytest.fixture
     def engine(self, tmp_path: Path):  # type: ignore[no-untyped-def]
@@ -141,6 +171,9 @@ class TestSourceColumns:
             ("source.updated_at_column", "modified", "source.updated_at_column"),
             ("mapping.tags.column", "labels", "mapping.tags.column"),
             ("locations.0.filter", {"region": "emea"}, "locations.0.filter.region"),
+            ("mapping.custom_fields", [{"key": "ltv", "column": "ltv"}], "mapping.custom_fields.0.column"),
+            ("mapping.dnd_settings", {"SMS": "sms_dnd"}, "mapping.dnd_settings.SMS"),
+            ("mapping.inbound_dnd", "inbound", "mapping.inbound_dnd"),
         ],
     )
     def test_unknown_column_fails_naming_the_key(self, engine, path: str, value: Any, key: str) -> None:  # type: ignore[no-untyped-def]

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from growthhub_sync.config import SyncConfig, load_config, parse_config
-from growthhub_sync.mapping import (
-    Mapper,
+from growthhub_sync.mapping import Mapper
+from growthhub_sync.normalise import (
     normalise_date_of_birth,
     normalise_email,
     normalise_phone,
