@@ -211,7 +211,7 @@ def test_coordination_naming_no_redis_connection_fails_at_plan_naming_the_locati
 def test_a_connection_naming_another_location_fails_at_plan_naming_both(
     sqlite_wh: Warehouse, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The config's location id keys the limiter and fills the payloads: a connection disagreeing is a config error."""
+    """The config's location id keys the limiter and fills payloads: another in the connection is an error."""
     monkeypatch.setenv(
         "AIRFLOW_CONN_GROWTHHUB_OTHER",
         json.dumps(
