@@ -507,6 +507,31 @@ class TestBatches:
         assert out["status"] == "success"
         assert len({k for k, _ in crm.sent}) == len(crm.sent)
 
+    def test_batch_size_cuts_the_mapped_tasks_and_chunk_size_each_task(
+        self, warehouse: Warehouse, make_config: Callable[..., SyncConfig]
+    ) -> None:
+        """One knob per meaning: key ranges of ``batch_size`` rows, sent in chunks of ``chunk_size``."""
+        seed_demo(warehouse.engine, 10, schema=warehouse.schema, start=T0, bad_share=0)
+        cfg = make_config(batch_size=4, chunk_size=3)
+        opts = SyncOptions(run_id="r1")
+        plan = plan_sync(cfg, "default", None, engine=warehouse.engine, options=opts, check_connection=False)
+        assert len(plan["batches"]) == 3  # 4 + 4 + 2 rows
+
+        class ChunkCountingCRM(FakeCRM):
+            def upsert_contacts(self, rows: Any, **kwargs: Any) -> Any:
+                rows = list(rows)
+                calls.append(len(rows))
+                return super().upsert_contacts(rows, **kwargs)
+
+        calls: list[int] = []
+        crm = ChunkCountingCRM()
+        done = [
+            sync_batch(cfg, "default", plan["window"], b, opts, engine=warehouse.engine, upserter=crm)
+            for b in plan["batches"]
+        ]
+        assert calls == [3, 1, 3, 1, 2]
+        assert sum(d["created"] for d in done) == 10
+
     def test_finalize_flags_the_reject_rate_threshold(
         self, seeded: Warehouse, make_config: Callable[..., SyncConfig], crm: FakeCRM
     ) -> None:
