@@ -70,20 +70,10 @@ def test_no_product_function_is_over_80_lines() -> None:
     assert long == {}
 
 
-def _type_only(tree: ast.Module) -> set[ast.AST]:
-    """Nodes under ``if TYPE_CHECKING:``."""
-    guarded = [n for n in ast.walk(tree) if isinstance(n, ast.If) and ast.unparse(n.test) == "TYPE_CHECKING"]
-    return {inner for guard in guarded for stmt in guard.body for inner in ast.walk(stmt)}
-
-
-def _sync_imports(path: Path, *, type_only: bool = True) -> set[str]:
-    """growthhub_sync modules ``path`` imports at run time (and, with ``type_only``, for type checking)."""
-    tree = ast.parse(path.read_text())
-    skip = set() if type_only else _type_only(tree)
+def _sync_imports(path: Path) -> set[str]:
+    """growthhub_sync modules ``path`` imports, at run time or for type checking."""
     found = set()
-    for node in ast.walk(tree):
-        if node in skip:
-            continue
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module:
             if node.module == "growthhub_sync":
                 found.update(alias.name for alias in node.names)
@@ -100,9 +90,7 @@ def test_every_sync_module_has_a_layer() -> None:
 
 @pytest.mark.parametrize("module", sorted(LAYERS))
 def test_sync_modules_import_only_lower_layers(module: str) -> None:
-    """Type-only imports may name a higher layer's types (the registry's ``choices`` takes a config)."""
-    imported = _sync_imports(SYNC / f"{module}.py", type_only=False)
-    upward = {m: LAYERS[m] for m in imported if LAYERS[m] >= LAYERS[module]}
+    upward = {m: LAYERS[m] for m in _sync_imports(SYNC / f"{module}.py") if LAYERS[m] >= LAYERS[module]}
     assert upward == {}, f"{module} (layer {LAYERS[module]}) imports from its own layer or above"
 
 

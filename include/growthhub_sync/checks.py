@@ -80,7 +80,7 @@ def _expectations(config: SyncConfig, present: set[str]) -> list[_Check]:
     ]
     for f in FIELDS:
         if f.check and f.choices and f.key in present:
-            checks.append(_one_of(f.check, f.key, f.key, f.choices(config)))
+            checks.append(_one_of(f.check, f.key, f.key, getattr(config.quality, f.choices)))
     for col in sorted(c for c in present if c.startswith("dnd_")):
         allowed = INBOUND_DND_STATUSES if col == "dnd_inbound" else DND_STATUSES
         label = "inboundDndSettings" if col == "dnd_inbound" else f"dndSettings.{col[4:]}"

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from growthhub_sync.normalise import (
     canonical_gender,
@@ -23,9 +23,6 @@ from growthhub_sync.normalise import (
     normalise_timezone,
     normalise_website,
 )
-
-if TYPE_CHECKING:
-    from growthhub_sync.config import SyncConfig
 
 Verdict = tuple[str | None, str | None]
 """``(value, None)`` or ``(None, reason)``."""
@@ -50,7 +47,8 @@ class FieldSpec:
     """Second argument of ``normalise``: ``quality.default_region``, or the day the batch is mapped."""
     canonical: Callable[[str], str] | None = None
     """A spelling fix only; ``choices`` then says which values GX accepts."""
-    choices: Callable[[SyncConfig], Sequence[str]] | None = None
+    choices: str | None = None
+    """The ``quality`` config list of the values GX accepts (e.g. ``genders``)."""
     check: str | None = None
     """The quality check (a name ``quality.errors`` accepts) a bad value fails."""
     invalid: str = ""
@@ -91,9 +89,7 @@ FIELDS: tuple[FieldSpec, ...] = (
         shape=_E164,
         shape_reason="phone: not E.164 after normalisation",
     ),
-    FieldSpec(
-        "gender", canonical=canonical_gender, choices=lambda config: config.quality.genders, check="gender"
-    ),
+    FieldSpec("gender", canonical=canonical_gender, choices="genders", check="gender"),
     FieldSpec("address1"),
     FieldSpec("city"),
     FieldSpec("state"),
