@@ -95,6 +95,9 @@ def state_tables(cfg: StateConfig) -> StateTables:
         Column("stage", String(16), nullable=False),
         Column("http_status", Integer),
         Column("errors", JSON, nullable=False),
+        # stable codes of ``errors`` (email_invalid, no_identity, api_422, ...), comma-separated,
+        # the most telling first: what summaries, alerts, filters and metrics count
+        Column("reason_codes", String(255)),
         Column("payload", JSON),
         # source hash of the failing row: the same row in a later run is still quarantined
         # without being checked or sent again (a duplicate only while its winner outranks it)
