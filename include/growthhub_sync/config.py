@@ -43,6 +43,23 @@ class ConfigError(ValueError):
     """The configuration is unusable; the message names the offending key."""
 
 
+class MissingConnectionError(ConfigError):
+    """An Airflow connection the config names (at ``key``) is defined nowhere Airflow looks."""
+
+    def __init__(self, key: str, conn_id: str, cause: str = "AirflowNotFoundException") -> None:
+        self.key = key
+        self.conn_id = conn_id
+        super().__init__(
+            f"{key}: Airflow connection {conn_id!r} is not defined ({cause}); define it, "
+            f"e.g. as {self.env_var} in its JSON form"
+        )
+
+    @property
+    def env_var(self) -> str:
+        """The environment variable that defines the connection."""
+        return f"AIRFLOW_CONN_{self.conn_id.upper()}"
+
+
 def _identifier(value: str | None, what: str = "identifier") -> str | None:
     if value is not None and not _IDENT.match(value):
         raise ValueError(

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Protocol
 
-from growthhub_sync.config import ConfigError
+from growthhub_sync.config import ConfigError, MissingConnectionError
 
 if TYPE_CHECKING:
     from growthhub_provider.client import UpsertOutcome
@@ -59,10 +59,8 @@ def require_connection(location: LocationConfig) -> None:
     where = f"locations[{location.name}].conn_id"
     try:
         BaseHook.get_connection(location.conn_id)
-    except Exception as exc:
-        raise ConfigError(
-            f"{where}: Airflow connection {location.conn_id!r} is not defined ({type(exc).__name__})"
-        ) from None
+    except Exception as exc:  # the Task SDK and the secrets backends raise their own kinds
+        raise MissingConnectionError(where, location.conn_id, type(exc).__name__) from None
     hook = GrowthHubHook(growthhub_conn_id=location.conn_id, location_id=location.location_id)
     try:
         hook.coordination  # noqa: B018 - resolving it checks the connection's settings

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import create_engine
 
+from growthhub_sync.config import MissingConnectionError
+
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
 
@@ -33,10 +35,16 @@ def warehouse_url(conn_id: str) -> str:
 
     An explicit ``sqlalchemy_url`` extra wins; ``sqlite`` connections name the file in
     ``host``; otherwise the connection's hook decides (``PostgresHook.sqlalchemy_url``).
+
+    :raises MissingConnectionError: no connection ``conn_id`` is defined.
     """
     from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
 
-    conn = BaseHook.get_connection(conn_id)
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        raise MissingConnectionError("source.conn_id", conn_id) from None
     if url := conn.extra_dejson.get("sqlalchemy_url"):
         return str(url)
     if conn.conn_type == "sqlite":
