@@ -45,6 +45,7 @@ TOKEN = "sandbox-demo-token"
 T0 = datetime(2026, 3, 1, tzinfo=UTC)
 RUN_TIMEOUT_S = 240
 UPSERT = "POST /contacts/upsert"
+ERROR_LINE = re.compile(r"\[(error|critical)\s*\]|\b(ERROR|CRITICAL)\b")
 
 LOCAL_SETTINGS = '''
 from datetime import timedelta
@@ -106,6 +107,10 @@ class Run:
 
     def tail(self, n: int = 4000) -> str:
         return self.log[-n:]
+
+    def error_lines(self) -> list[str]:
+        """Log lines at level ERROR or above (Airflow's structlog ``[error ]`` and stdlib ``ERROR``)."""
+        return [line for line in self.log.splitlines() if ERROR_LINE.search(line)]
 
 
 @dataclass
@@ -390,6 +395,8 @@ def test_successful_run_under_the_threshold_sends_no_notification(harness: Harne
 
     assert run.state == "success", run.tail()
     assert harness.notifications() == []
+    # the task logs of a successful run (in the output of `airflow dags test`) hold no ERROR line
+    assert run.error_lines() == []
 
 
 # --- (5) dry run ----------------------------------------------------------------------------------
