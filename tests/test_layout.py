@@ -34,6 +34,7 @@ LAYERS = {
     "mapping": 4,
     "upsert": 4,
     "demo": 4,
+    "data_docs": 4,
     "retention": 4,
     "checks": 5,
     "identity": 5,

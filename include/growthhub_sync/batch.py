@@ -443,3 +443,16 @@ class BatchRunner:
 def gx_run_name(*parts: Any) -> str:
     """A GX run name from its parts (GX keys results by it; finalize selects a run's by prefix)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", "__".join(str(p) for p in parts))[:200]
+
+
+def describe_gx_run(run_name: str, locations: Sequence[str]) -> tuple[str, str, str]:
+    """(run, location, batch) of a batch's :func:`gx_run_name`: the Data Docs index's names.
+
+    A run id may hold ``__`` itself (``manual__2026-...``), so the configured locations split it.
+    """
+    for location in sorted(locations, key=len, reverse=True):
+        run, sep, rest = run_name.rpartition(f"__{gx_run_name(location)}__")
+        if sep:
+            chunk, _, first_key = rest.partition("__")
+            return run, location, f"chunk {chunk}, from key {first_key}"
+    return run_name, "", ""

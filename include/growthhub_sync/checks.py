@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from growthhub_sync.data_docs import Describe, make_offline
 from growthhub_sync.fields import DND_STATUSES, FIELDS, INBOUND_DND_STATUSES, NORMALISED
 
 if TYPE_CHECKING:
@@ -172,10 +173,12 @@ class QualityChecker:
                 row[check.check] = reasons[idx].get(check.check) or check.message.format(value=value)
         return CheckResult(failures, bool(result.success), dict(result.statistics))
 
-    def build_data_docs(self, run_prefix: str | None = None) -> str:
+    def build_data_docs(self, run_prefix: str | None = None, describe: Describe | None = None) -> str:
         """Render stored validation results to HTML (only runs named ``run_prefix*`` if given).
 
-        Returns the index page's URL. Pages of earlier runs stay in the folder.
+        The pages open offline and the index lists every validation of the folder, named by
+        ``describe`` (run name → run, location, batch; see :func:`make_offline`). Returns the
+        index page's URL. Pages of earlier runs stay in the folder.
         """
         ids = None
         if run_prefix is not None:
@@ -183,7 +186,10 @@ class QualityChecker:
             ids = [k for k in store.list_keys() if str(k.run_id.run_name or "").startswith(run_prefix)]
             if not ids:
                 return Path(self.config.quality.data_docs_dir, "index.html").resolve().as_uri()
-        return self.context.build_data_docs(site_names=["growthhub"], resource_identifiers=ids)["growthhub"]
+        url = self.context.build_data_docs(site_names=["growthhub"], resource_identifiers=ids)["growthhub"]
+        q = self.config.quality
+        make_offline(q.data_docs_dir, q.results_dir, describe or (lambda name: (name, "", "")))
+        return url
 
 
 def _folder_backend(folder: str) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from growthhub_sync import state
-from growthhub_sync.batch import BatchRunner, SyncOptions, gx_run_name
+from growthhub_sync.batch import BatchRunner, SyncOptions, describe_gx_run, gx_run_name
 from growthhub_sync.checks import check_columns, checker_for
 from growthhub_sync.config import SyncConfig, validate_source_columns
 from growthhub_sync.extract import KeyRange, Source, Window, plan_key_ranges
@@ -237,7 +237,10 @@ def _data_docs(config: SyncConfig, loc: LocationConfig, o: SyncOptions) -> str |
     """Render this run's validation results; Data Docs are a report: never fail a sync over them."""
     try:
         checker = checker_for(config, tuple(check_columns(config)), True)
-        return checker.build_data_docs(gx_run_name(o.run_id, loc.name) + "__")
+        locations = [x.name for x in config.locations]
+        return checker.build_data_docs(
+            gx_run_name(o.run_id, loc.name) + "__", lambda name: describe_gx_run(name, locations)
+        )
     except Exception as exc:
         log.warning("Data Docs not rendered: %s", exc)
         return None

@@ -6,6 +6,7 @@ The fake stands in for the hook's ``upsert_contacts`` contract; the sandbox + ho
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -612,6 +613,33 @@ class TestRunRecord:
         assert out["data_docs"] == (docs / "index.html").resolve().as_uri()
         assert list((docs / "validations").rglob("*.html"))
         assert list(Path(cfg.quality.results_dir).rglob("*.json"))
+
+    def test_data_docs_index_links_every_validation_by_name_and_loads_nothing_remote(
+        self, seeded: Warehouse, make_config: Callable[..., SyncConfig], crm: FakeCRM
+    ) -> None:
+        cfg = make_config(chunk_size=400)  # 1,000 new rows: 3 chunks, 3 validations
+        _run(cfg, seeded, crm, "manual__2026-03-01T00:00:00+00:00")
+        docs = Path(cfg.quality.data_docs_dir)
+        results = sorted(Path(cfg.quality.results_dir).rglob("*.json"))
+        index = (docs / "index.html").read_text()
+
+        links = re.findall(
+            r'<a href="(validations/[^"]+)">([^<]+)</a></td><td>([^<]*)</td><td>([^<]*)</td>', index
+        )
+        assert len(links) == len(results) == 3
+        for page, run, location, batch in links:
+            assert (docs / page).is_file()
+            assert (run, location) == ("manual__2026-03-01T00_00_00_00_00", "default")
+            assert re.fullmatch(r"chunk \d+, from key \S+", batch)
+        assert len({batch for *_, batch in links}) == 3
+        # assets only: a hyperlink to greatexpectations.io loads nothing
+        remote = re.compile(
+            r"""<(?:script|link|img|iframe)\b[^>]*\b(?:src|href)\s*=\s*["']?(?:https?:)?//"""
+            r"""|url\(\s*['"]?(?:https?:)?//""",
+            re.IGNORECASE,
+        )
+        pages = list(docs.rglob("*.html"))
+        assert [p for p in pages if remote.search(p.read_text())] == []
 
 
 @pytest.mark.integration
