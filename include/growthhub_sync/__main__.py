@@ -16,7 +16,14 @@ from sqlalchemy import create_engine
 from growthhub_sync.config import load_config
 from growthhub_sync.demo import seed_demo
 from growthhub_sync.pipeline import SyncOptions, replay_quarantine, sync
+from growthhub_sync.reasons import REASONS, is_code
 from growthhub_sync.warehouse import get_engine
+
+
+def _reason_code(name: str) -> str:
+    if not is_code(name):
+        raise argparse.ArgumentTypeError(f"unknown reason code {name!r}; known: {', '.join(REASONS)}")
+    return name
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,7 +45,16 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--end", help="window end (ISO 8601); default: open")
     run.add_argument("--full-refresh", action="store_true")
     replay.add_argument("--stage", choices=["quality", "api"])
-    replay.add_argument("--contains", help="only rows whose errors contain this text")
+    replay.add_argument(
+        "--reason",
+        action="append",
+        default=[],
+        type=_reason_code,
+        help="only rows with this reason code (repeatable: any of them), e.g. email_invalid",
+    )
+    replay.add_argument(
+        "--key", action="append", default=[], help="only the row of this source key (repeatable)"
+    )
     replay.add_argument("--max-rows", type=int)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -66,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
             location,
             opts,
             stage=args.stage,
-            contains=args.contains,
+            reason=args.reason,
+            keys=args.key,
             max_rows=args.max_rows,
             engine=engine,
         )

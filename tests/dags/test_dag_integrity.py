@@ -182,7 +182,7 @@ def test_replay_tasks_use_the_location_pool(parsed: Parsed, location: dict[str, 
 
 def test_replay_dag_params(parsed: Parsed) -> None:
     params = _dag(parsed, REPLAY_DAG_ID).params
-    assert set(params.keys()) == {"locations", "stage", "error_contains", "max_rows", "dry_run"}
+    assert set(params.keys()) == {"locations", "stage", "reason", "keys", "max_rows", "dry_run"}
 
 
 def test_replay_dag_is_manual_without_a_replay_schedule(parsed: Parsed) -> None:
