@@ -7,10 +7,11 @@ same values from the same rows.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import bindparam, exc, inspect, select, update
+from sqlalchemy import exc, inspect, select, update
 
 from growthhub_sync.fields import FIELD, reason_codes
 from growthhub_sync.outcomes import duplicate_winner
@@ -82,18 +83,15 @@ def _backfill_reason_codes(engine: Engine, q: Table) -> None:
         .order_by(q.c.id)
         .limit(_BATCH)
     )
-    # a row a new failure gave codes meanwhile keeps them
-    fill = (
-        update(q)
-        .where(q.c.id == bindparam("row_id"), q.c.reason_codes.is_(None))
-        .values(reason_codes=bindparam("codes"))
-    )
     while True:
         with engine.begin() as conn:
             rows = conn.execute(missing).all()
-            if rows:
-                conn.execute(
-                    fill, [{"row_id": r.id, "codes": join_codes(legacy_codes(*r[1:]))} for r in rows]
-                )
+            ids_of: dict[str, list[int]] = defaultdict(list)
+            for r in rows:
+                ids_of[join_codes(legacy_codes(*r[1:]))].append(r.id)
+            for codes, ids in ids_of.items():  # few distinct values: one UPDATE each, not one per row
+                # a row a new failure gave codes meanwhile keeps them
+                fill = update(q).where(q.c.id.in_(ids), q.c.reason_codes.is_(None)).values(reason_codes=codes)
+                conn.execute(fill)
         if len(rows) < _BATCH:
             return
