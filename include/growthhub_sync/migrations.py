@@ -76,14 +76,16 @@ def _add_column(engine: Engine, table: Table, column: Column[Any]) -> None:
 
 
 def _backfill_reason_codes(engine: Engine, q: Table) -> None:
-    """Codes for rows that have none, a batch per transaction (one scan when all have theirs)."""
-    missing = (  # id, then legacy_codes' arguments
-        select(q.c.id, q.c.stage, q.c.http_status, q.c.errors, q.c.duplicate_of)
-        .where(q.c.reason_codes.is_(None))
-        .order_by(q.c.id)
-        .limit(_BATCH)
-    )
+    """Codes for rows that have none, a batch per transaction in id order (one scan when all have
+    theirs)."""
+    last = 0
     while True:
+        missing = (  # id, then legacy_codes' arguments
+            select(q.c.id, q.c.stage, q.c.http_status, q.c.errors, q.c.duplicate_of)
+            .where(q.c.reason_codes.is_(None), q.c.id > last)
+            .order_by(q.c.id)
+            .limit(_BATCH)
+        )
         with engine.begin() as conn:
             rows = conn.execute(missing).all()
             ids_of: dict[str, list[int]] = defaultdict(list)
@@ -95,3 +97,4 @@ def _backfill_reason_codes(engine: Engine, q: Table) -> None:
                 conn.execute(fill)
         if len(rows) < _BATCH:
             return
+        last = rows[-1].id
