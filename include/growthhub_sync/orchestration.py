@@ -163,6 +163,6 @@ def summary_table(results: Sequence[Mapping[str, Any]], reasons: int = 3) -> str
     ]
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=False)]
     return "\n".join(
-        "  ".join(cell.rjust(width) for cell, width in zip(line[:-1], widths, strict=False)) + "  " + line[-1]
+        "  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True))
         for line in (header, *rows)
     )
