@@ -17,6 +17,7 @@ from growthhub_sync.orchestration import (
     selected_locations,
     summary_table,
 )
+from growthhub_sync.reasons import REASONS
 
 if TYPE_CHECKING:
     from growthhub_sync.config import LocationConfig
@@ -33,8 +34,9 @@ and sends it again. What now syncs is marked `resolved`; what still fails stays 
 
 Use it after fixing rows at the source (bad emails, phones, birth dates...) or after a GrowthHub
 setting changed (a missing custom field, a user). **Params**: `locations` (empty = all), `stage`
-(`quality` or `api`), `error_contains` (only rows whose errors contain this text), `max_rows`
-per location, `dry_run`.
+(`quality` or `api`), `reason` (reason codes: rows having any of them; empty = all), `keys`
+(location name → source keys to replay; a location not listed, or an empty list, = all its
+rows), `max_rows` per location, `dry_run`. The README's "Reason codes" table lists the codes.
 """
 
 
@@ -54,7 +56,18 @@ per location, `dry_run`.
             description="Location names to replay; empty = all.",
         ),
         "stage": Param(None, type=["null", "string"], enum=[None, "quality", "api"]),
-        "error_contains": Param(None, type=["null", "string"], description="Filter on the error text."),
+        "reason": Param(
+            [],
+            type="array",
+            items={"type": "string", "enum": list(REASONS)},
+            description="Reason codes: rows having any of them; empty = all.",
+        ),
+        "keys": Param(
+            {},
+            type="object",
+            additionalProperties={"type": "array", "items": {"type": "string"}},
+            description="Location name → source keys to replay; empty = all rows.",
+        ),
         "max_rows": Param(10_000, type="integer", minimum=1, description="Rows per location at most."),
         "dry_run": Param(False, type="boolean"),
     },
@@ -85,7 +98,8 @@ def replay_location(location: LocationConfig) -> Any:
             name,
             options,
             stage=params["stage"],
-            contains=params["error_contains"],
+            reason=params["reason"],
+            keys=params["keys"].get(name, []),
             max_rows=params["max_rows"],
         )
 

@@ -22,10 +22,12 @@ DECLARATIVE = {"create_app", "get_provider_info", "state_tables"}
 
 # the sync library's layers: a module imports only modules of a lower layer
 LAYERS = {
-    "outcomes": 0,
+    "reasons": 0,
     "normalise": 0,
+    "outcomes": 1,
     "fields": 1,
     "config": 2,
+    "migrations": 2,
     "testing": 3,
     "state": 3,
     "warehouse": 3,

@@ -18,10 +18,17 @@ from sqlalchemy import create_engine
 from growthhub_sync.config import ConfigError, MissingConnectionError, load_config
 from growthhub_sync.demo import seed_demo
 from growthhub_sync.pipeline import SyncOptions, replay_quarantine, sync
+from growthhub_sync.reasons import REASONS, is_code
 from growthhub_sync.upsert import require_connection
 from growthhub_sync.warehouse import get_engine
 
 USAGE_ERROR = 2  # argparse's exit status for a command line it cannot run
+
+
+def _reason_code(name: str) -> str:
+    if not is_code(name):
+        raise argparse.ArgumentTypeError(f"unknown reason code {name!r}; known: {', '.join(REASONS)}")
+    return name
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,9 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--full-refresh", action="store_true", help="every row of the window, even those synced unchanged"
     )
-    replay.add_argument("--stage", choices=["quality", "api"])
-    replay.add_argument("--contains", help="only rows whose errors contain this text")
-    replay.add_argument("--max-rows", type=int)
+    replay.add_argument(
+        "--stage", choices=["quality", "api"], help="only rows refused by the checks or by the API"
+    )
+    replay.add_argument(
+        "--reason",
+        action="append",
+        default=[],
+        type=_reason_code,
+        help="only rows with this reason code (repeatable: any of them), e.g. email_invalid",
+    )
+    replay.add_argument(
+        "--key", action="append", default=[], help="only the row of this source key (repeatable)"
+    )
+    replay.add_argument("--max-rows", type=int, help="at most this many rows, oldest first (default: all)")
     return p
 
 
@@ -101,7 +119,8 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
         location,
         opts,
         stage=args.stage,
-        contains=args.contains,
+        reason=args.reason,
+        keys=args.key,
         max_rows=args.max_rows,
         engine=engine,
     )

@@ -2,7 +2,7 @@
 
 The config names the channels (Slack through the Slack provider, email through the SMTP provider,
 or any ``BaseNotifier`` by import path); without any, an alert is one clear ERROR log line. The
-message is the same everywhere: DAG, run, location, counts, top error messages, link to the run.
+message is the same everywhere: DAG, run, location, counts, top reason codes, link to the run.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from growthhub_sync.config import AlertsConfig, EmailChannel, SlackChannel
+from growthhub_sync.reasons import describe
 
 if TYPE_CHECKING:
     from airflow.sdk import BaseNotifier
@@ -40,7 +41,7 @@ def format_alert(
         lines.append("counts: " + ", ".join(f"{name}={value}" for name, value in counts.items()))
     if top_errors:
         lines.append("top errors:")
-        lines.extend(f"  {count} x {message}" for message, count in top_errors)
+        lines.extend(f"  {count} x {describe(reason)}" for reason, count in top_errors)
     if run_url:
         lines.append(f"run: {run_url}")
     return "\n".join(lines)

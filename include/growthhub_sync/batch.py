@@ -30,20 +30,20 @@ from growthhub_provider.masking import mask_pii
 from growthhub_sync.checks import checker_for
 from growthhub_sync.diff import Triage, payload_hash, source_hashes, triage
 from growthhub_sync.extract import KeyRange, Source, Window, stream
+from growthhub_sync.fields import reason_codes
 from growthhub_sync.identity import Candidate, Claim, IdentityOwnership, names, rank
 from growthhub_sync.mapping import MappedBatch, Mapper
 from growthhub_sync.outcomes import (
     CHANGED_OR_GONE,
-    DUPLICATE,
     IDENTITY_FREED,
     NO_OUTCOME,
     OVERWRITTEN,
     RESEND,
-    STILL_QUARANTINED,
     QuarantineRow,
     Summary,
     SyncedRow,
 )
+from growthhub_sync.reasons import DUPLICATE_IDENTITY, api_code
 from growthhub_sync.state import StateStore, state_tables
 from growthhub_sync.upsert import Upserter, UpserterSource, resolve_upserter
 
@@ -226,9 +226,7 @@ class BatchRunner:
                 if r.ledger_payload_hash is not None
             }
         s.unchanged = len(t.settled)
-        s.quarantined = len(t.still_quarantined)
-        if t.still_quarantined:
-            s.reasons[STILL_QUARANTINED] += len(t.still_quarantined)
+        s.quarantined = s.still_quarantined = len(t.still_quarantined)
         return chunk
 
     # -- 2. map and check -------------------------------------------------------------------------
@@ -253,12 +251,18 @@ class BatchRunner:
         for j, i in enumerate(t.changed):
             failed = result.failures.get(j, {})
             if bad := {c: r for c, r in failed.items() if c in errors}:
+                codes = tuple(reason_codes(bad, failed))
                 chunk.quarantine.append(
                     QuarantineRow(
-                        batch.keys[j], "quality", list(bad.values()), batch.payloads[j], chunk.hashes[i]
+                        batch.keys[j],
+                        "quality",
+                        list(bad.values()),
+                        codes,
+                        batch.payloads[j],
+                        chunk.hashes[i],
                     )
                 )
-                s.reasons.update(bad.keys())
+                s.reasons.update(codes)
                 continue
             for check in failed:  # a warning: send the row without the bad field
                 for payload_key in batch.fields_of_check.get(check, []):
@@ -300,7 +304,7 @@ class BatchRunner:
         queued = {q.source_key for q in chunk.quarantine}
         claim = self.identity.claim(store, chunk.candidates, rivals, queued, write=write)
         chunk.quarantine += claim.duplicates
-        s.reasons[DUPLICATE] += len(claim.duplicates)
+        s.reasons[DUPLICATE_IDENTITY] += len(claim.duplicates) + claim.displaced
         s.displaced += claim.displaced
         return claim
 
@@ -384,10 +388,13 @@ class BatchRunner:
             received.status_of[key] = outcome.status
         elif outcome.status == "rejected":
             s.rejected += 1
-            s.reasons[f"api {outcome.http_status}"] += 1
+            code = api_code(outcome.http_status)
+            s.reasons[code] += 1
             s.messages.update(mask_pii(str(m)) for m in messages)
             received.rejected.append(
-                QuarantineRow(key, "api", messages, out.row.payload, out.row.source_hash, outcome.http_status)
+                QuarantineRow(
+                    key, "api", messages, (code,), out.row.payload, out.row.source_hash, outcome.http_status
+                )
             )
         else:  # failed (transient, after retries) or skipped (daily quota reserve reached)
             s.deferred += 1
@@ -406,7 +413,7 @@ class BatchRunner:
             for key in [*lost, *freed]:  # not synced after all: a duplicate, or decided again
                 s.count(received.status_of.pop(key), -1)
             s.quarantined += len(lost)
-            s.reasons[DUPLICATE] += len(lost)
+            s.reasons[DUPLICATE_IDENTITY] += len(lost)
             s.deferred += len(freed)
             kept = [r for r in received.synced if r.source_key not in lost and r.source_key not in freed]
             store.record_synced(kept)

@@ -60,7 +60,7 @@ def _expectations(config: SyncConfig, present: set[str]) -> list[_Check]:
         _Check(
             "identity",
             gxe.ExpectColumnValuesToNotBeNull(column="identity"),
-            "identity: neither a valid email nor a valid phone",
+            "identity: neither an email nor a phone given",
         )
     ]
     # Normalisers decide these (libraries know the rules; a 600-value set in GX would cost

@@ -1,15 +1,16 @@
 """The field registry: each standard field of GrowthHub's Upsert Contact, declared once.
 
-The config's ``mapping.fields`` model, the mapper's loop over a batch, the GX suite and the
-names ``quality.errors`` accepts are all read from :data:`FIELDS`. Adding a field is adding its
-:class:`FieldSpec` here (with a normaliser in :mod:`growthhub_sync.normalise` if it has rules).
+The config's ``mapping.fields`` model, the mapper's loop over a batch, the GX suite, the names
+``quality.errors`` accepts and the reason codes of failed checks are all read from :data:`FIELDS`.
+Adding a field is adding its :class:`FieldSpec` here (with a normaliser in
+:mod:`growthhub_sync.normalise` if it has rules, and its code in :mod:`growthhub_sync.reasons`).
 The dnd settings are not standard fields (they are objects keyed by channel); their channels and
 statuses live here too, beside the fields they sit with in a payload.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import date
 from typing import Any, Literal
@@ -23,6 +24,7 @@ from growthhub_sync.normalise import (
     normalise_timezone,
     normalise_website,
 )
+from growthhub_sync.reasons import DND_INVALID, NO_IDENTITY
 
 Verdict = tuple[str | None, str | None]
 """``(value, None)`` or ``(None, reason)``."""
@@ -51,6 +53,8 @@ class FieldSpec:
     """The ``quality`` config list of the values GX accepts (e.g. ``genders``)."""
     check: str | None = None
     """The quality check (a name ``quality.errors`` accepts) a bad value fails."""
+    code: str | None = None
+    """The reason code (:mod:`growthhub_sync.reasons`) of a row that fails ``check``."""
     invalid: str = ""
     """Reason when the normaliser rejected a value without giving one."""
     shape: str | None = None
@@ -79,23 +83,38 @@ FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("firstName"),
     FieldSpec("lastName"),
     FieldSpec("name"),
-    FieldSpec("email", normalise=normalise_email, check="email", invalid="email: invalid"),
+    FieldSpec(
+        "email", normalise=normalise_email, check="email", code="email_invalid", invalid="email: invalid"
+    ),
     FieldSpec(
         "phone",
         normalise=normalise_phone,
         normalise_with="region",
         check="phone",
+        code="phone_invalid",
         invalid="phone: invalid",
         shape=_E164,
         shape_reason="phone: not E.164 after normalisation",
     ),
-    FieldSpec("gender", canonical=canonical_gender, choices="genders", check="gender"),
+    FieldSpec("gender", canonical=canonical_gender, choices="genders", check="gender", code="gender_invalid"),
     FieldSpec("address1"),
     FieldSpec("city"),
     FieldSpec("state"),
     FieldSpec("postalCode"),
-    FieldSpec("website", normalise=normalise_website, check="website", invalid="website: invalid"),
-    FieldSpec("timezone", normalise=normalise_timezone, check="timezone", invalid="timezone: invalid"),
+    FieldSpec(
+        "website",
+        normalise=normalise_website,
+        check="website",
+        code="website_invalid",
+        invalid="website: invalid",
+    ),
+    FieldSpec(
+        "timezone",
+        normalise=normalise_timezone,
+        check="timezone",
+        code="timezone_invalid",
+        invalid="timezone: invalid",
+    ),
     FieldSpec("dnd", read="bool"),
     FieldSpec("source"),
     FieldSpec(
@@ -104,11 +123,18 @@ FIELDS: tuple[FieldSpec, ...] = (
         normalise=normalise_date_of_birth,
         normalise_with="today",
         check="dateOfBirth",
+        code="dob_invalid",
         invalid="dateOfBirth: invalid",
         shape=_ISO_DATE,
         shape_reason="dateOfBirth: not YYYY-MM-DD after normalisation",
     ),
-    FieldSpec("country", normalise=normalise_country, check="country", invalid="country: invalid"),
+    FieldSpec(
+        "country",
+        normalise=normalise_country,
+        check="country",
+        code="country_invalid",
+        invalid="country: invalid",
+    ),
     FieldSpec("companyName"),
     FieldSpec("assignedTo"),
 )
@@ -153,3 +179,28 @@ PAYLOAD_KEYS_OF_CHECK: dict[str, tuple[str, ...]] = {
     "identity": (),
 }
 """Check → payload keys a row is sent without when the check only warns."""
+
+CODE_OF_CHECK: dict[str, str] = {
+    **{f.check: f.code for f in FIELDS if f.check and f.code},
+    "dnd": DND_INVALID,
+    "identity": NO_IDENTITY,
+}
+"""Check → the reason code of a row failing it; ``identity`` fails with :data:`NO_IDENTITY` only
+when neither email nor phone was given (see :func:`reason_codes`)."""
+
+
+def reason_codes(bad: Iterable[str], failed: Collection[str]) -> list[str]:
+    """Reason codes of a row quarantined for the checks ``bad``, among all the checks it ``failed``.
+
+    A row without identity is ``no_identity`` only when it gave neither email nor phone; when
+    it gave invalid ones, their checks failed too and name it (``email_invalid``...), even
+    where those checks only warn.
+    """
+    codes: list[str] = []
+    for check in bad:
+        if check == "identity":
+            found = [CODE_OF_CHECK[c] for c in ("email", "phone") if c in failed] or [CODE_OF_CHECK[check]]
+        else:
+            found = [CODE_OF_CHECK[check]]
+        codes += [c for c in found if c not in codes]
+    return codes

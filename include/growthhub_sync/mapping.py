@@ -239,10 +239,24 @@ class Mapper:
 
     @staticmethod
     def _identity_and_nulls(draft: _Draft) -> None:
-        """The identity column (normalised email, else phone), then the nulls "clear" sends."""
+        """The identity column (normalised email, else phone) and why a row has none, then the
+        nulls "clear" sends."""
         ident = draft.column("identity")
         emails, phones = draft.cols.get("email"), draft.cols.get("phone")
         for i, nulls in enumerate(draft.nulls):
             ident[i] = (emails[i] if emails else None) or (phones[i] if phones else None)
+            if ident[i] is None:
+                draft.reasons[i]["identity"] = _why_no_identity(draft.reasons[i])
             for key in nulls:
                 draft.payloads[i][key] = None
+
+
+def _why_no_identity(reasons: dict[str, str]) -> str:
+    """Nothing to match a contact on: no email or phone given, or only invalid ones."""
+    bad = [name for name in ("email", "phone") if name in reasons]
+    if not bad:
+        return "identity: neither an email nor a phone given"
+    if len(bad) == 2:
+        return "identity: email and phone both invalid"
+    other = "phone" if bad == ["email"] else "email"
+    return f"identity: {bad[0]} invalid and no {other} given"

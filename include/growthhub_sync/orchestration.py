@@ -77,11 +77,10 @@ def run_url(context: Mapping[str, Any]) -> str | None:
 
 
 def top_errors(summaries: Iterable[Mapping[str, Any]], limit: int) -> list[tuple[str, int]]:
-    """Most frequent reasons and API messages across the summaries of a run."""
+    """Most frequent reason codes across the summaries of a run, with their rows."""
     counter: Counter[str] = Counter()
     for summary in summaries:
         counter.update(summary.get("reasons", {}))
-        counter.update(summary.get("messages", {}))
     return counter.most_common(limit)
 
 
@@ -130,7 +129,7 @@ def on_run_failure(context: Mapping[str, Any]) -> None:
         run_id=run_id,
         locations=params.get("locations") or [loc.name for loc in config.locations],
         counts={k: progress[k] for k in ("synced", "quarantined", "deferred") if k in progress},
-        top_errors=Counter(progress.get("errors", {})).most_common(config.alerts.top_errors),
+        top_errors=Counter(progress.get("reasons", {})).most_common(config.alerts.top_errors),
         run_url=run_url(context),
     )
     send_alert(config.alerts, text, context)
@@ -149,14 +148,16 @@ def _run_progress(config: SyncConfig, run_id: str) -> dict[str, Any]:
         return {}
 
 
-def summary_table(results: Sequence[Mapping[str, Any]]) -> str:
-    """A fixed-width table of a run's counts per location, for the task log."""
-    header = ("location", *RUN_COUNTS, "displaced", "reject %")
+def summary_table(results: Sequence[Mapping[str, Any]], reasons: int = 3) -> str:
+    """A fixed-width table of a run's counts per location and its ``reasons`` top reason codes,
+    for the task log."""
+    header = ("location", *RUN_COUNTS, "displaced", "reject %", "top reasons")
     rows = [
         (
             str(r["location"]),
             *(str(r.get(name, 0)) for name in (*RUN_COUNTS, "displaced")),
             f"{100 * r.get('reject_rate', 0):.2f}",
+            ", ".join(f"{code} {n}" for code, n in top_errors([r], reasons)) or "-",
         )
         for r in results
     ]

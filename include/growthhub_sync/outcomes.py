@@ -12,19 +12,16 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from growthhub_provider.masking import mask_pii
+from growthhub_sync.reasons import DUPLICATE_IDENTITY, join_codes
 
 OUTCOMES = ("unchanged", "created", "updated", "quarantined", "rejected", "deferred")
 RUN_COUNTS = ("extracted", *OUTCOMES)
 """The counts a run row stores: extracted = the sum of the outcomes."""
-_COUNTERS = (*RUN_COUNTS, "warnings", "checked", "displaced")
-
-# summary reasons (Summary.reasons) that are not a check's name
-DUPLICATE = "duplicate"
-STILL_QUARANTINED = "unchanged in quarantine"
+_COUNTERS = (*RUN_COUNTS, "warnings", "checked", "displaced", "still_quarantined")
 
 # why a row waits in the pending table
 CHANGED_OR_GONE = "changed or gone during the run"
@@ -49,11 +46,20 @@ class QuarantineRow:
     source_key: str
     stage: Literal["quality", "api"]
     errors: list[str]
+    """Human text: the checks' reasons with the offending value, or GrowthHub's messages."""
+    codes: tuple[str, ...]
+    """Reason codes (:mod:`growthhub_sync.reasons`), the most telling first."""
     payload: dict[str, Any] | None
     source_hash: str | None
     """Source hash of the failing row: the same row in a later run stays quarantined unchecked."""
     http_status: int | None = None
     duplicate_of: str | None = None
+
+    def columns(self) -> dict[str, Any]:
+        """The row's values by quarantine table column."""
+        values = asdict(self)
+        values["reason_codes"] = join_codes(values.pop("codes"))
+        return values
 
     @classmethod
     def duplicate(
@@ -61,7 +67,13 @@ class QuarantineRow:
     ) -> QuarantineRow:
         """A row that lost its email or phone to ``winner``."""
         return cls(
-            key, "quality", [f"duplicate identity of {winner}"], payload, source_hash, duplicate_of=winner
+            key,
+            "quality",
+            [f"duplicate identity of {winner}"],
+            (DUPLICATE_IDENTITY,),
+            payload,
+            source_hash,
+            duplicate_of=winner,
         )
 
 
@@ -107,8 +119,12 @@ class Summary:
     displaced: int = 0
     """Rows synced earlier (this run or before) whose email or phone a newer row took: now
     quarantined as its duplicates. Not an outcome of this run's rows: outside the invariant."""
+    still_quarantined: int = 0
+    """Quarantined rows unchanged since they were quarantined (not checked or sent again); their
+    reasons were counted by the run that quarantined them."""
     reasons: Counter[str] = field(default_factory=Counter)
-    """Quarantine reasons (check names, ``duplicate``, ``api <status>``) → rows."""
+    """Reason codes (:mod:`growthhub_sync.reasons`) → rows this run quarantined, had rejected or
+    displaced; a row counts once under each of its codes."""
     messages: Counter[str] = field(default_factory=Counter)
     """Most frequent API rejection messages → rows."""
     samples: list[dict[str, Any]] = field(default_factory=list)
@@ -148,7 +164,7 @@ class Summary:
     def failed_rows(self) -> int:
         """Rows that failed in this run: rows still in quarantine and unchanged since were alerted
         on when they first failed."""
-        return self.quarantined + self.rejected + self.displaced - self.reasons.get(STILL_QUARANTINED, 0)
+        return self.quarantined + self.rejected + self.displaced - self.still_quarantined
 
     @property
     def reject_rate(self) -> float:
@@ -166,6 +182,7 @@ class Summary:
             "warnings": self.warnings,
             "checked": self.checked,
             "displaced": self.displaced,
+            "still_quarantined": self.still_quarantined,
             "reasons": dict(self.reasons.most_common()),
             "messages": dict(self.messages.most_common(10)),
             "samples": self.samples,

@@ -8,7 +8,7 @@ The DAGs call :func:`plan_sync` → :func:`sync_batch` (one per key range, mappe
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from growthhub_sync import state
@@ -292,13 +292,16 @@ def replay_quarantine(
     options: SyncOptions | None = None,
     *,
     stage: str | None = None,
-    contains: str | None = None,
+    reason: Sequence[str] = (),
+    keys: Sequence[str] = (),
     max_rows: int | None = None,
     engine: Engine | None = None,
     upserter: UpserterSource = None,
 ) -> dict[str, Any]:
     """Take the current source row of open quarantine rows, check and send it again.
 
+    Selects the location's open rows of ``stage``, with any of the reason codes ``reason``, among
+    the source ``keys`` (each filter only when given), at most ``max_rows``, oldest first.
     What now syncs (or is found already in step) is resolved, what still fails is updated
     (attempts + 1); rows gone from the source are marked ``ignored``. Returns the run summary.
     """
@@ -309,15 +312,16 @@ def replay_quarantine(
     runner = BatchRunner(config, loc, eng, o, upserter)
     runner.recheck = True
     with eng.connect() as conn:
-        selected = runner.store(conn).open_quarantine(stage=stage, contains=contains, limit=max_rows)
-        keys = [r["source_key"] for r in selected]
+        store = runner.store(conn)
+        selected = store.open_quarantine(stage=stage, codes=reason, keys=keys, limit=max_rows)
+        chosen = [r["source_key"] for r in selected]
         # a replayed duplicate must still lose to the row it lost to, unless that row changed since
-        winners = {w for r in selected for e in r["errors"] if (w := duplicate_winner(str(e)))} - set(keys)
+        winners = {w for r in selected for e in r["errors"] if (w := duplicate_winner(str(e)))} - set(chosen)
         context = list(conn.execute(runner.source.by_keys(sorted(winners)))) if winners else []
-    found = runner.run_keys(keys, from_pending=False, context=context)
-    gone = [k for k in keys if k not in found]
+    found = runner.run_keys(chosen, from_pending=False, context=context)
+    gone = [k for k in chosen if k not in found]
     if gone and not o.dry_run:
         with eng.begin() as conn:
             runner.store(conn).resolve_quarantine(gone, status="ignored")
     out = finalize_run(config, loc.name, None, [runner.summary.as_dict()], o, engine=eng, upserter=upserter)
-    return {**out, "selected": len(keys), "gone_from_source": len(gone)}
+    return {**out, "selected": len(chosen), "gone_from_source": len(gone)}

@@ -6,10 +6,9 @@ SQLAlchemy Core only, one code path for PostgreSQL and SQLite; every write is an
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +34,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from growthhub_sync.migrations import upgrade_quarantine
 from growthhub_sync.outcomes import RUN_COUNTS
+from growthhub_sync.reasons import having_any, split_codes
 
 if TYPE_CHECKING:
     from sqlalchemy import ColumnElement, Executable, Select
@@ -48,7 +49,7 @@ _OPEN = text("status = 'open'")  # a literal: ON CONFLICT must repeat the partia
 _CHUNK = 2000  # keys per IN (...) list: well under SQLite's variable limit
 # what a quarantine row's next failure overwrites (the rest: first seen, attempts, status)
 _QUARANTINE_UPDATED = (
-    "stage", "http_status", "errors", "payload", "source_hash", "duplicate_of",
+    "stage", "http_status", "errors", "reason_codes", "payload", "source_hash", "duplicate_of",
     "dag_id", "run_id", "last_seen_at",
 )  # fmt: skip
 
@@ -164,7 +165,8 @@ def state_tables(cfg: StateConfig) -> StateTables:
 
 
 def ensure_state(engine: Engine, tables: StateTables) -> None:
-    """Create the state tables if missing; safe when parallel tasks race to do it.
+    """Create the state tables if missing, or bring older ones up to date; safe when parallel
+    tasks race to do it.
 
     On SQLite it also switches the file to WAL, so the pipeline can write state while its
     extract cursor is still reading (the journal mode persists in the file).
@@ -178,10 +180,11 @@ def ensure_state(engine: Engine, tables: StateTables) -> None:
     for attempt in range(3):
         try:
             tables.metadata.create_all(engine, checkfirst=True)
-            return
+            break
         except (exc.IntegrityError, exc.ProgrammingError, exc.OperationalError):
             if attempt == 2:
                 raise
+    upgrade_quarantine(engine, tables.quarantine)
 
 
 def analyze(engine: Engine, tables: StateTables) -> None:
@@ -235,14 +238,15 @@ def run_progress(conn: Connection, t: StateTables, run_id: str) -> dict[str, Any
         return conn.execute(select(func.count()).select_from(table).where(*where)).scalar_one()
 
     open_rows = (t.quarantine.c.run_id == run_id, _OPEN)
-    errors: Counter[str] = Counter()
-    for (messages,) in conn.execute(select(t.quarantine.c.errors).where(*open_rows)):
-        errors.update(str(m) for m in messages or [])
+    reasons: Counter[str] = Counter()
+    codes = func.coalesce(t.quarantine.c.reason_codes, "")
+    for value, n in conn.execute(select(codes, func.count()).where(*open_rows).group_by(codes)):
+        reasons.update(dict.fromkeys(split_codes(value), n))
     return {
         "synced": count(t.ledger, t.ledger.c.last_run_id == run_id),
         "quarantined": count(t.quarantine, *open_rows),
         "deferred": count(t.pending, t.pending.c.last_run_id == run_id),
-        "errors": dict(errors),
+        "reasons": dict(reasons),
     }
 
 
@@ -374,7 +378,7 @@ class StateStore:
             "attempts": 1,
             "status": "open",
         }
-        self.conn.execute(stmt, [{**common, **asdict(r)} for r in rows])
+        self.conn.execute(stmt, [{**common, **r.columns()} for r in rows])
 
     def requarantine(self, keys: Iterable[str]) -> None:
         """Count another failing attempt of unchanged quarantined rows (once per run)."""
@@ -401,18 +405,26 @@ class StateStore:
         )
 
     def open_quarantine(
-        self, *, stage: str | None = None, contains: str | None = None, limit: int | None = None
+        self,
+        *,
+        stage: str | None = None,
+        codes: Sequence[str] = (),
+        keys: Sequence[str] = (),
+        limit: int | None = None,
     ) -> list[dict[str, Any]]:
-        """Open quarantine rows, oldest first; ``contains`` filters on the error text."""
+        """Open quarantine rows, oldest first: of ``stage``, with any of the reason ``codes``, among
+        the source ``keys`` (each filter only when given; ``keys`` a page of rows, not thousands)."""
         q = self.tables.quarantine
         stmt = select(q).where(self._of(q), q.c.status == "open").order_by(q.c.first_seen_at, q.c.id)
         if stage:
             stmt = stmt.where(q.c.stage == stage)
-        rows = [dict(r._mapping) for r in self.conn.execute(stmt)]
-        if contains:
-            needle = contains.lower()
-            rows = [r for r in rows if needle in json.dumps(r["errors"]).lower()]
-        return rows[:limit] if limit else rows
+        if codes:
+            stmt = stmt.where(having_any(q.c.reason_codes, codes))
+        if keys:
+            stmt = stmt.where(q.c.source_key.in_(list(keys)))
+        if limit:
+            stmt = stmt.limit(limit)
+        return [dict(r._mapping) for r in self.conn.execute(stmt)]
 
     def duplicates_of(self, owners: Iterable[str]) -> list[str]:
         """Keys of open quarantine rows that lost an identity to one of ``owners``."""

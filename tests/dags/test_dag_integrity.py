@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable, Iterator
+from copy import copy
 from pathlib import Path
 from typing import Any
 
@@ -182,7 +183,26 @@ def test_replay_tasks_use_the_location_pool(parsed: Parsed, location: dict[str, 
 
 def test_replay_dag_params(parsed: Parsed) -> None:
     params = _dag(parsed, REPLAY_DAG_ID).params
-    assert set(params.keys()) == {"locations", "stage", "error_contains", "max_rows", "dry_run"}
+    assert set(params.keys()) == {"locations", "stage", "reason", "keys", "max_rows", "dry_run"}
+
+
+def test_replay_dag_takes_the_conf_the_quarantine_page_sends(parsed: Parsed) -> None:
+    params = _dag(parsed, REPLAY_DAG_ID).params
+    assert (params["keys"], params["reason"]) == ({}, [])  # by default: every row
+    conf = {"locations": ["east"], "keys": {"east": ["C1", "C2"]}, "reason": ["email_invalid", "api_422"]}
+    assert {name: copy(params.get_param(name)).resolve(value) for name, value in conf.items()} == conf
+
+
+@pytest.mark.parametrize(
+    ("name", "value"), [("reason", ["email"]), ("keys", {"east": "C1"}), ("keys", ["C1"])]
+)
+def test_replay_dag_refuses_an_unknown_code_or_keys_of_another_shape(
+    parsed: Parsed, name: str, value: Any
+) -> None:
+    from airflow.sdk.exceptions import ParamValidationError
+
+    with pytest.raises(ParamValidationError):
+        copy(_dag(parsed, REPLAY_DAG_ID).params.get_param(name)).resolve(value)
 
 
 def test_replay_dag_is_manual_without_a_replay_schedule(parsed: Parsed) -> None:

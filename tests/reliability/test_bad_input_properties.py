@@ -36,6 +36,7 @@ from growthhub_sync import state
 from growthhub_sync.config import SyncConfig
 from growthhub_sync.demo import COLUMNS
 from growthhub_sync.pipeline import SyncOptions, sync
+from growthhub_sync.reasons import is_code, split_codes
 
 PROFILE = settings(
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target],
@@ -263,6 +264,9 @@ def _assert_every_row_accounted(wh: Warehouse, cfg: SyncConfig, keys: list[str],
             errors = open_q[k]["errors"]
             assert errors, open_q[k]
             assert all(isinstance(e, str) and e.strip() for e in errors), open_q[k]
+            codes = split_codes(open_q[k]["reason_codes"])
+            assert codes, open_q[k]
+            assert all(is_code(c) for c in codes), open_q[k]
     assert out["created"] + out["updated"] == len(synced)
     assert out["quarantined"] + out["rejected"] == len(open_q)
 

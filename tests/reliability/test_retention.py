@@ -40,7 +40,16 @@ def _fill(wh: Warehouse, cfg: SyncConfig) -> state.StateTables:
         for loc, key, _, _ in ROWS:
             store = state.StateStore(conn, tables, loc, run_id="r", dag_id="t", now=now)
             store.quarantine(
-                [QuarantineRow(key, "quality", ["email: bad"], {"email": f"{key}@example.com"}, None)]
+                [
+                    QuarantineRow(
+                        key,
+                        "quality",
+                        ["email: bad"],
+                        ("email_invalid",),
+                        {"email": f"{key}@example.com"},
+                        None,
+                    )
+                ]
             )
         for loc, key, status, age in ROWS:
             at = now - timedelta(days=age)

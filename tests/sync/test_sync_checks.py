@@ -57,7 +57,10 @@ def _failures(
         ({"website": "ftp://example.com"}, "website", "website: not an http(s) URL with a host name"),
         ({"gender": "robot"}, "gender", "gender: 'robot' is not one of male, female, other"),
         ({"source": "maybe"}, "dnd", "dndSettings.Email: 'maybe' is not one of active, inactive, permanent"),
-        ({"email": None, "phone": None}, "identity", "identity: neither a valid email nor a valid phone"),
+        ({"email": None, "phone": None}, "identity", "identity: neither an email nor a phone given"),
+        ({"email": "ann@", "phone": None}, "identity", "identity: email invalid and no phone given"),
+        ({"email": None, "phone": "12345"}, "identity", "identity: phone invalid and no email given"),
+        ({"email": "ann@", "phone": "12345"}, "identity", "identity: email and phone both invalid"),
     ],
 )
 def test_check_flags_the_row_with_its_reason(

@@ -9,8 +9,17 @@ import pytest
 
 from growthhub_sync.checks import QualityChecker
 from growthhub_sync.config import SyncConfig, load_config, parse_config
-from growthhub_sync.fields import CHECKS, FIELDS, NORMALISED, PAYLOAD_KEYS_OF_CHECK, FieldSpec
+from growthhub_sync.fields import (
+    CHECKS,
+    CODE_OF_CHECK,
+    FIELDS,
+    NORMALISED,
+    PAYLOAD_KEYS_OF_CHECK,
+    FieldSpec,
+    reason_codes,
+)
 from growthhub_sync.mapping import Mapper
+from growthhub_sync.reasons import DUPLICATE_IDENTITY, REASONS, api_code
 
 VALID: dict[str, Any] = {
     "email": "ann@example.com",
@@ -101,3 +110,32 @@ def test_an_unknown_field_is_refused_naming_it() -> None:
     data["mapping"]["fields"]["middleName"] = "middle_name"
     with pytest.raises(ValueError, match=r"mapping\.fields\.middleName: Extra inputs are not permitted"):
         parse_config(data)
+
+
+def test_every_check_has_a_registered_reason_code() -> None:
+    assert set(CODE_OF_CHECK) == set(CHECKS)
+    assert [f.key for f in FIELDS if f.check and not f.code] == []
+    # and every registered code is one a row can get
+    assert set(REASONS) == {*CODE_OF_CHECK.values(), DUPLICATE_IDENTITY, api_code(400), api_code(422)}
+
+
+@pytest.mark.parametrize(
+    ("bad", "failed", "codes"),
+    [
+        (["identity"], ["identity"], ["no_identity"]),
+        (["identity", "dateOfBirth"], ["identity", "dateOfBirth"], ["no_identity", "dob_invalid"]),
+        # the only contact field given was invalid: that is the reason, not a missing identity
+        (["identity", "email"], ["identity", "email"], ["email_invalid"]),
+        (["identity", "phone"], ["identity", "phone"], ["phone_invalid"]),
+        (["identity", "email", "phone"], ["identity", "email", "phone"], ["email_invalid", "phone_invalid"]),
+        # ... even where the email check only warns
+        (["identity"], ["identity", "email"], ["email_invalid"]),
+        (
+            ["email", "country", "dnd"],
+            ["email", "country", "dnd", "website"],
+            ["email_invalid", "country_invalid", "dnd_invalid"],
+        ),
+    ],
+)
+def test_reason_codes_of_a_quarantined_row(bad: list[str], failed: list[str], codes: list[str]) -> None:
+    assert reason_codes(bad, failed) == codes

@@ -7,6 +7,7 @@ The fake stands in for the hook's ``upsert_contacts`` contract; the sandbox + ho
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
@@ -41,6 +42,7 @@ from growthhub_sync.pipeline import (
     sync,
     sync_batch,
 )
+from growthhub_sync.reasons import REASONS
 
 NEXT_DAY = {"start": DAY["end"], "end": (T0 + timedelta(days=2)).isoformat()}
 
@@ -72,8 +74,8 @@ def seed_row_email(wh: Warehouse, key: str) -> str:
         return conn.execute(select(tbl.c.email).where(tbl.c.id == key)).scalar_one().lower()
 
 
-def _key_with(wh: Warehouse, cfg: SyncConfig, reason: str) -> str:
-    rows = [q for q in _rows(wh, cfg, "quarantine", status="open") if any(reason in e for e in q["errors"])]
+def _key_with(wh: Warehouse, cfg: SyncConfig, code: str) -> str:
+    rows = [q for q in _rows(wh, cfg, "quarantine", status="open") if code in q["reason_codes"].split(",")]
     return sorted(q["source_key"] for q in rows)[0]
 
 
@@ -105,8 +107,37 @@ class TestOutcomes:
         rows = _rows(seeded, cfg, "quarantine")
         assert len(rows) == out["quarantined"] + out["displaced"]
         assert {r["stage"] for r in rows} == {"quality"}
-        assert set(out["reasons"]) >= {"email", "phone", "dateOfBirth", "identity", "duplicate"}
+        assert set(out["reasons"]) >= {
+            "email_invalid", "phone_invalid", "dob_invalid", "no_identity", "duplicate_identity",
+        }  # fmt: skip
+        assert set(out["reasons"]) <= set(REASONS)
         assert all(r["errors"] and r["status"] == "open" and r["attempts"] == 1 for r in rows)
+        # each row's codes, counted once per row and code
+        counted = Counter(c for r in rows if r["reason_codes"] for c in r["reason_codes"].split(","))
+        assert counted == out["reasons"]
+
+    def test_a_row_without_identity_says_whether_it_gave_an_email_or_phone(
+        self, warehouse: Warehouse, make_config: Callable[..., SyncConfig], crm: FakeCRM
+    ) -> None:
+        seed_demo(warehouse.engine, 5, schema=warehouse.schema, start=T0, bad_share=0)
+        _set(warehouse, "C00000000", email=None, phone=None)
+        _set(warehouse, "C00000001", email="ann@", phone=None)
+        _set(warehouse, "C00000002", email=None, phone="12345")
+        _set(warehouse, "C00000003", email="ann@", phone="12345", date_of_birth="31/12/1990")
+        _set(warehouse, "C00000004", email="ann@")  # with a valid phone
+        cfg = make_config()
+        out = sync(cfg, "default", None, SyncOptions(run_id="r1"), engine=warehouse.engine, upserter=crm)
+        rows = {q["source_key"]: q for q in _rows(warehouse, cfg, "quarantine")}
+        assert {k: q["reason_codes"] for k, q in rows.items()} == {
+            "C00000000": "no_identity",
+            "C00000001": "email_invalid",
+            "C00000002": "phone_invalid",
+            "C00000003": "email_invalid,phone_invalid,dob_invalid",
+            "C00000004": "email_invalid",
+        }
+        assert rows["C00000000"]["errors"] == ["identity: neither an email nor a phone given"]
+        assert rows["C00000001"]["errors"][0] == "identity: email invalid and no phone given"
+        assert out["reasons"] == {"no_identity": 1, "email_invalid": 3, "phone_invalid": 2, "dob_invalid": 1}
 
     def test_api_rejection_is_quarantined_with_the_api_messages(
         self, seeded: Warehouse, cfg: SyncConfig, crm: FakeCRM
@@ -115,8 +146,10 @@ class TestOutcomes:
         out = _run(cfg, seeded, crm, "r1")
         assert out["rejected"] == 1
         assert out["messages"] == {"email must be an email": 1}
+        assert out["reasons"]["api_422"] == 1
         (row,) = _rows(seeded, cfg, "quarantine", source_key="C00000001")
         assert (row["stage"], row["http_status"], row["errors"]) == ("api", 422, ["email must be an email"])
+        assert row["reason_codes"] == "api_422"
         assert row["payload"]["locationId"] == "loc1"
 
     def test_duplicates_in_a_batch_latest_wins(
@@ -131,6 +164,8 @@ class TestOutcomes:
         assert [k for k, _ in crm.sent] == ["C00000001"]
         errors = {q["source_key"]: q["errors"] for q in _rows(warehouse, cfg, "quarantine")}
         assert errors == {k: ["duplicate identity of C00000001"] for k in ("C00000000", "C00000002")}
+        assert out["reasons"] == {"duplicate_identity": 2}
+        assert {q["reason_codes"] for q in _rows(warehouse, cfg, "quarantine")} == {"duplicate_identity"}
 
     def test_duplicates_in_different_chunks_latest_wins(
         self, warehouse: Warehouse, make_config: Callable[..., SyncConfig], crm: FakeCRM
@@ -153,7 +188,7 @@ class TestOutcomes:
         assert contact.items() >= dict(crm.sent)["C00000002"].items()  # upserts leave other fields
         again = sync(cfg, "default", None, SyncOptions(run_id="r2"), engine=warehouse.engine, upserter=crm)
         assert (again["unchanged"], again["quarantined"], again["displaced"]) == (2, 1, 0)
-        assert again["reasons"] == {"unchanged in quarantine": 1}
+        assert (again["reasons"], again["still_quarantined"]) == ({}, 1)
         assert len(crm.sent) == 3
 
     def test_an_older_row_in_a_later_chunk_is_quarantined_and_never_sent(
@@ -333,7 +368,8 @@ class TestIdempotency:
         assert second["unchanged"] == synced
         assert second["quarantined"] == first["quarantined"] + first["displaced"]
         assert second["created"] == second["updated"] == second["displaced"] == 0
-        assert second["reasons"] == {"unchanged in quarantine": second["quarantined"]}
+        assert (second["reasons"], second["still_quarantined"]) == ({}, second["quarantined"])
+        assert second["reject_rate"] == 0
         _run(cfg, seeded, crm, "r2")  # a retried run
         assert len(_rows(seeded, cfg, "ledger")) == synced
         assert len(_rows(seeded, cfg, "quarantine")) == first["quarantined"] + first["displaced"]
@@ -385,7 +421,7 @@ class TestQuarantine:
         self, seeded: Warehouse, cfg: SyncConfig, crm: FakeCRM
     ) -> None:
         _run(cfg, seeded, crm, "r1")
-        key = _key_with(seeded, cfg, "email:")
+        key = _key_with(seeded, cfg, "email_invalid")
         _run(cfg, seeded, crm, "r1")  # the same run retried: not a new attempt
         _run(cfg, seeded, crm, "r2")
         (row,) = _rows(seeded, cfg, "quarantine", source_key=key)
@@ -395,7 +431,7 @@ class TestQuarantine:
         self, seeded: Warehouse, cfg: SyncConfig, crm: FakeCRM
     ) -> None:
         _run(cfg, seeded, crm, "r1")
-        key = _key_with(seeded, cfg, "email:")
+        key = _key_with(seeded, cfg, "email_invalid")
         _set(seeded, key, email="fixed@example.com")
         out = _run(cfg, seeded, crm, "r2", NEXT_DAY)
         assert out["created"] == 1
@@ -431,9 +467,9 @@ class TestQuarantine:
         self, seeded: Warehouse, cfg: SyncConfig, crm: FakeCRM
     ) -> None:
         first = _run(cfg, seeded, crm, "r1")
-        fixed = _key_with(seeded, cfg, "phone:")
+        fixed = _key_with(seeded, cfg, "phone_invalid")
         _set(seeded, fixed, phone="+1 202 555 0100", email=None)
-        gone = _key_with(seeded, cfg, "email:")
+        gone = _key_with(seeded, cfg, "email_invalid")
         with seeded.engine.begin() as conn:
             tbl = contacts_table(seeded.schema)
             conn.execute(tbl.delete().where(tbl.c.id == gone))
@@ -449,7 +485,7 @@ class TestQuarantine:
         assert len(still) == out["selected"] - 2
         assert all(r["attempts"] == 2 for r in still)
 
-    def test_replay_filters_by_stage_and_error_text(
+    def test_replay_filters_by_stage_and_reason_code(
         self, seeded: Warehouse, cfg: SyncConfig, crm: FakeCRM
     ) -> None:
         _run(cfg, seeded, crm, "r1")
@@ -457,7 +493,7 @@ class TestQuarantine:
             cfg,
             "default",
             SyncOptions(run_id="replay1"),
-            contains="dateOfBirth",
+            reason=["dob_invalid"],
             stage="quality",
             max_rows=3,
             engine=seeded.engine,
@@ -465,6 +501,23 @@ class TestQuarantine:
         )
         assert out["selected"] == 3
         assert out["quarantined"] == 3
+        replayed = _rows(seeded, cfg, "quarantine", run_id="replay1")
+        assert len(replayed) == 3
+        assert all("dob_invalid" in q["reason_codes"].split(",") for q in replayed)
+
+    def test_replay_of_chosen_keys_sends_only_those(
+        self, seeded: Warehouse, cfg: SyncConfig, crm: FakeCRM
+    ) -> None:
+        _run(cfg, seeded, crm, "r1")
+        keys = sorted(q["source_key"] for q in _rows(seeded, cfg, "quarantine", status="open"))[:2]
+        for key in keys:
+            _set(seeded, key, email=f"fixed.{key.lower()}@example.com", phone=None, date_of_birth=None)
+        sent = len(crm.sent)
+        out = replay_quarantine(
+            cfg, "default", SyncOptions(run_id="replay1"), keys=keys, engine=seeded.engine, upserter=crm
+        )
+        assert (out["selected"], out["created"] + out["updated"]) == (2, 2)
+        assert sorted(k for k, _ in crm.sent[sent:]) == keys
 
 
 class TestDeferred:
