@@ -119,6 +119,15 @@ def state_tables(cfg: StateConfig) -> StateTables:
         postgresql_where=_OPEN,
         sqlite_where=_OPEN,
     )
+    # the GrowthHub page: open rows per location and stage, newest first, a page at a time by id
+    Index(
+        f"{p}ix_growthhub_quarantine_open_page",
+        quarantine.c.location,
+        quarantine.c.stage,
+        quarantine.c.id,
+        postgresql_where=_OPEN,
+        sqlite_where=_OPEN,
+    )
     pending = Table(
         f"{p}growthhub_sync_pending",
         md,
