@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import String, and_, cast, func, inspect, literal, or_, select, text, union_all
+from sqlalchemy import func, inspect, or_, select, text, union_all
 
 from growthhub_provider.masking import mask_pii
 from growthhub_sync.outcomes import OUTCOMES, mask_payload
@@ -226,11 +226,20 @@ _ITEM_COLUMNS = (
 def _code_condition(q: Any, code: str | None) -> list[ColumnElement[bool]]:
     if code is None:
         return []
+    codes = q.c.reason_codes
     if code == UNKNOWN_CODE:
-        return [or_(q.c.reason_codes.is_(None), q.c.reason_codes == "")]
-    # whole codes of the comma-separated list: ",a,b," contains ",b,"
-    listed = literal(",") + func.replace(q.c.reason_codes, " ", "") + literal(",")
-    return [and_(q.c.reason_codes.is_not(None), cast(listed, String).contains(f",{code},", autoescape=True))]
+        return [or_(codes.is_(None), codes == "")]
+    # whole codes of the comma-separated list, on the bare column: its statistics then tell the
+    # planner how common the code is (an expression such as ',' || codes || ',' has none, and a
+    # wrong guess turns a walk down the index into a sort of every open row)
+    return [
+        or_(
+            codes == code,
+            codes.startswith(f"{code},", autoescape=True),
+            codes.endswith(f",{code}", autoescape=True),
+            codes.contains(f",{code},", autoescape=True),
+        )
+    ]
 
 
 def _item(row: Any) -> QuarantineItem:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from airflow_ui import AirflowUI, start_airflow_ui, stop_airflow_ui
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import Engine
 from ui_support import PG_URL, SESSION, StateDB, write_config
@@ -49,3 +50,20 @@ def state_db(
     yield StateDB(url, engine, schema, config_path)
     if request.param == "sqlite":
         engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def airflow_ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AirflowUI]:
+    """One real api-server with the GrowthHub page for the session (it takes tens of seconds)."""
+    ui = start_airflow_ui(tmp_path_factory.mktemp("airflow_ui"))
+    yield ui
+    stop_airflow_ui(ui)
+
+
+@pytest.fixture
+def airflow_ui(airflow_ui_server: AirflowUI) -> AirflowUI:
+    """The session's api-server, its warehouse's state tables emptied for this test."""
+    with airflow_ui_server.state.engine.begin() as conn:
+        for table in (airflow_ui_server.state.tables.quarantine, airflow_ui_server.state.tables.runs):
+            conn.execute(table.delete())
+    return airflow_ui_server

@@ -124,7 +124,7 @@ class TestQuarantineList:
         params: dict[str, str],
         expected: list[str],
     ) -> None:
-        state_db.quarantine("east", "e1", at=T0, codes="phone_invalid, email_invalid")
+        state_db.quarantine("east", "e1", at=T0, codes="phone_invalid,email_invalid")
         state_db.quarantine("east", "e2", at=T0 + timedelta(minutes=1), stage="api", codes="api_422")
         state_db.quarantine("west", "w1", at=T0 + timedelta(minutes=2), stage="api", codes="api_400")
         state_db.quarantine("east", "e3", at=T0 + timedelta(minutes=3), codes="email_invalid,dob_invalid")

@@ -37,7 +37,11 @@
       }
       const skipped = body.skipped ? ", " + body.skipped + " no longer open" : "";
       say("Replay queued: " + body.dag_id + " run " + body.dag_run_id + " for " + body.rows + " row(s)" + skipped, true);
-      picks().forEach((box) => { box.checked = false; });
+      picks().filter((box) => box.checked).forEach((box) => {
+        box.checked = false;
+        box.disabled = true;  // queued: the replay run decides what becomes of the row
+        box.closest("tr").classList.add("replayed");
+      });
       if (all) all.checked = false;
     } catch (error) {
       say("Replay failed: " + error, false);
