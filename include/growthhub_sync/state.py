@@ -173,7 +173,7 @@ def state_tables(cfg: StateConfig) -> StateTables:
 
 
 def ensure_state(engine: Engine, tables: StateTables) -> None:
-    """Create the state tables if missing; safe when parallel tasks race to do it.
+    """Create the state tables, and indexes added since, if missing; safe when parallel tasks race.
 
     On SQLite it also switches the file to WAL, so the pipeline can write state while its
     extract cursor is still reading (the journal mode persists in the file).
@@ -187,6 +187,8 @@ def ensure_state(engine: Engine, tables: StateTables) -> None:
     for attempt in range(3):
         try:
             tables.metadata.create_all(engine, checkfirst=True)
+            for index in tables.quarantine.indexes:  # one added since the table was created (the page's)
+                index.create(engine, checkfirst=True)
             return
         except (exc.IntegrityError, exc.ProgrammingError, exc.OperationalError):
             if attempt == 2:

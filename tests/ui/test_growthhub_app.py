@@ -17,12 +17,14 @@ from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
 from airflow.api_fastapi.core_api.security import get_user
 from fastapi import HTTPException
 from fastapi.testclient import TestClient
+from sqlalchemy import inspect, text
 from ui_support import T0, StateDB, write_config
 
 from growthhub_operator import access
 from growthhub_operator.app import _age, create_app, replay_allowed, replay_trigger
 from growthhub_operator.chart import runs_chart
 from growthhub_operator.queries import RunRow
+from growthhub_sync import state
 from growthhub_sync.config import CONFIG_ENV
 
 Triggered = list[tuple[dict[str, Any], str]]
@@ -269,6 +271,16 @@ class TestPages:
         client = make_client()
         assert "api/replay" in client.get("/static/quarantine.js").text
         assert client.get("/static/growthhub.css").status_code == 200
+
+
+def test_existing_state_tables_get_the_page_index(state_db: StateDB) -> None:
+    """A warehouse whose quarantine table predates the page's index gets it from the next sync."""
+    index = "ix_growthhub_quarantine_open_page"
+    with state_db.engine.begin() as conn:
+        conn.execute(text(f"DROP INDEX {state_db.schema + '.' if state_db.schema else ''}{index}"))
+    state.ensure_state(state_db.engine, state_db.tables)
+    found = inspect(state_db.engine).get_indexes("growthhub_quarantine", schema=state_db.schema)
+    assert index in {i["name"] for i in found}
 
 
 def test_the_chart_escapes_what_it_draws_from_the_data() -> None:
