@@ -119,12 +119,14 @@ def state_tables(cfg: StateConfig) -> StateTables:
         postgresql_where=_OPEN,
         sqlite_where=_OPEN,
     )
-    # the GrowthHub page: open rows per location and stage, newest first, a page at a time by id
+    # the GrowthHub page: open rows per location and stage, newest first, a page at a time by id;
+    # with the codes included, PostgreSQL filters on them without reading the table (index-only)
     Index(
         f"{p}ix_growthhub_quarantine_open_page",
         quarantine.c.location,
         quarantine.c.stage,
         quarantine.c.id,
+        postgresql_include=["reason_codes"],
         postgresql_where=_OPEN,
         sqlite_where=_OPEN,
     )

@@ -146,11 +146,11 @@ def _runs_context(wh: Warehouse, limit: int = 50) -> dict[str, Any]:
     sections = []
     if queries.tables_exist(wh.engine, wh.tables):
         with wh.engine.connect() as conn:
-            counts = queries.open_counts(conn, wh.tables)
+            counts = queries.open_counts(conn, wh.tables, wh.locations)
             for name in wh.locations:
                 runs = queries.recent_runs(conn, wh.tables, name, limit=limit)
                 sections.append({"location": name, "open_rows": counts.get(name, 0), "runs": runs})
-    return {"sections": sections, "sync_dag": SYNC_DAG_ID, "chart": _chart}
+    return {"sections": sections, "sync_dag": SYNC_DAG_ID, "chart": _chart, "count_cap": queries.COUNT_CAP}
 
 
 def _chart(runs_newest_first: list[queries.RunRow]) -> Markup:

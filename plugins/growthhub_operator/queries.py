@@ -28,6 +28,8 @@ STAGES = ("quality", "api")
 UNKNOWN_CODE = "unknown"
 """The code shown, and filtered on, for rows quarantined before reason codes existed (NULL)."""
 MAX_PAGE = 200
+COUNT_CAP = 10_000
+"""Open rows counted at most per location: a count of a million rows would cost a second per page view."""
 _CODE = re.compile(r"^[a-z0-9_]{1,64}$")
 # a literal, not a bound parameter: the planner must see it to use the partial indexes
 _OPEN = text("status = 'open'")
@@ -151,11 +153,14 @@ def recent_runs(conn: Connection, tables: StateTables, location: str, limit: int
     ]
 
 
-def open_counts(conn: Connection, tables: StateTables) -> dict[str, int]:
-    """Open quarantine rows per location."""
+def open_counts(conn: Connection, tables: StateTables, locations: Sequence[str]) -> dict[str, int]:
+    """Open quarantine rows per location, counted up to :data:`COUNT_CAP` + 1 (``> COUNT_CAP``: "more")."""
     q = tables.quarantine
-    stmt = select(q.c.location, func.count()).where(_OPEN).group_by(q.c.location)
-    return {location: n for location, n in conn.execute(stmt)}
+    counts = {}
+    for location in locations:
+        capped = select(q.c.id).where(q.c.location == location, _OPEN).limit(COUNT_CAP + 1).subquery()
+        counts[location] = conn.execute(select(func.count()).select_from(capped)).scalar_one()
+    return counts
 
 
 def quarantine_page(
@@ -169,11 +174,12 @@ def quarantine_page(
 ) -> QuarantinePage:
     """Open quarantine rows, newest first, ``limit`` per page, after the cursor ``before``.
 
-    Keyset pagination on ``id``: every page costs the same however deep it is. The page is the
-    merge of one index range per (location, stage) pair, each read in ``id`` order from the
-    partial index on (location, stage, id) of open rows and cut at ``limit``; so a rare stage
-    or location costs no more than a common one. ``locations`` are those of the config, or the
-    filter's one.
+    Keyset pagination on ``id``: every page costs the same however deep it is. The page's ids are
+    the merge of one range per (location, stage) pair, each read in ``id`` order from the partial
+    index on (location, stage, id) of open rows and cut at ``limit``, so a rare stage or location
+    costs no more than a common one; on PostgreSQL the index includes the reason codes, so a code
+    filter reads no table row it rejects. Only then are the page's rows read. ``locations`` are
+    those of the config (a location filter names one).
     """
     limit = max(1, min(limit, MAX_PAGE))
     q = tables.quarantine
@@ -184,18 +190,16 @@ def quarantine_page(
     ]
     if not pairs:
         return QuarantinePage([], None)
-    columns = [q.c[name] for name in _ITEM_COLUMNS]
     ranges = []
     for loc, stage in pairs:
         conditions = [q.c.location == loc, q.c.stage == stage, _OPEN, *_code_condition(q, where.code)]
         if before is not None:
             conditions.append(q.c.id < before)
-        ranges.append(select(*columns).where(*conditions).order_by(q.c.id.desc()).limit(limit + 1))
-    if len(ranges) == 1:
-        stmt = ranges[0]
-    else:
-        merged = union_all(*(select(r.subquery()) for r in ranges)).subquery()
-        stmt = select(merged).order_by(merged.c.id.desc()).limit(limit + 1)
+        ranges.append(select(q.c.id).where(*conditions).order_by(q.c.id.desc()).limit(limit + 1))
+    # ids first (index-only on PostgreSQL), then the rows of the page's ids alone
+    merged = union_all(*(select(r.subquery()) for r in ranges)).subquery()
+    ids = select(merged.c.id).order_by(merged.c.id.desc()).limit(limit + 1)
+    stmt = select(*(q.c[name] for name in _ITEM_COLUMNS)).where(q.c.id.in_(ids)).order_by(q.c.id.desc())
     rows = list(conn.execute(stmt))
     items = [_item(r._mapping) for r in rows[:limit]]
     return QuarantinePage(items, items[-1].id if len(rows) > limit else None)

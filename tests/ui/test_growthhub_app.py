@@ -20,7 +20,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import inspect, text
 from ui_support import T0, StateDB, write_config
 
-from growthhub_operator import access
+from growthhub_operator import access, queries
 from growthhub_operator.app import _age, create_app, replay_allowed, replay_trigger
 from growthhub_operator.chart import runs_chart
 from growthhub_operator.queries import RunRow
@@ -243,6 +243,17 @@ class TestPages:
         assert runs[0]["runs"][0]["reject_rate"] == pytest.approx(0.12)
         assert (runs[1]["location"], runs[1]["runs"], runs[1]["open_rows"]) == ("west", [], 0)
         assert client.get("/runs").text == page
+
+    def test_runs_page_counts_open_rows_up_to_a_cap(
+        self, state_db: StateDB, make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        monkeypatch.setattr(queries, "COUNT_CAP", 2)
+        for key in ("a", "b", "c"):
+            state_db.quarantine("east", key)
+        state_db.quarantine("west", "d")
+        page = make_client().get("/").text
+        assert "over 2 open quarantine rows" in page
+        assert "1 open quarantine rows" in page
 
     def test_quarantine_page_shows_masked_rows_and_a_next_page_link(
         self, state_db: StateDB, make_client: Callable[..., TestClient]
