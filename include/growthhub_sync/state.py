@@ -119,16 +119,12 @@ def state_tables(cfg: StateConfig) -> StateTables:
         postgresql_where=_OPEN,
         sqlite_where=_OPEN,
     )
-    # the GrowthHub page: open rows per location and stage, newest first, a page at a time by id;
-    # with the codes included, PostgreSQL filters on them without reading the table (index-only)
+    # the GrowthHub page: open rows per location and stage, by id (keyset pages); the codes included
+    # let PostgreSQL filter on them without reading the table
+    page_key = (quarantine.c.location, quarantine.c.stage, quarantine.c.id)
+    open_only: dict[str, Any] = {"postgresql_where": _OPEN, "sqlite_where": _OPEN}
     Index(
-        f"{p}ix_growthhub_quarantine_open_page",
-        quarantine.c.location,
-        quarantine.c.stage,
-        quarantine.c.id,
-        postgresql_include=["reason_codes"],
-        postgresql_where=_OPEN,
-        sqlite_where=_OPEN,
+        f"{p}ix_growthhub_quarantine_open_page", *page_key, postgresql_include=["reason_codes"], **open_only
     )
     pending = Table(
         f"{p}growthhub_sync_pending",
