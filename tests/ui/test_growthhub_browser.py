@@ -85,6 +85,8 @@ def test_an_operator_filters_selects_and_replays_quarantined_rows(airflow_ui: Ai
         frame = _open_growthhub(page, airflow_ui, "operator")
 
         expect(frame.locator("section[data-location='east'] svg.chart rect")).to_have_count(24)
+        expect(frame.locator("section[data-location='west'] table.runs")).to_be_visible()
+        page.wait_for_load_state("networkidle")  # the frame's styles and icon, before the picture
         page.screenshot(path=str(SCREENSHOTS / "growthhub_runs.png"), full_page=True)
 
         frame.get_by_role("link", name="Quarantine", exact=True).click()
@@ -103,6 +105,7 @@ def test_an_operator_filters_selects_and_replays_quarantined_rows(airflow_ui: Ai
         frame.get_by_role("button", name="Replay selected").click()
         expect(frame.locator("#replay-status")).to_contain_text("Replay queued")
         expect(frame.locator("tr.replayed")).to_have_count(2)
+        page.wait_for_load_state("networkidle")
         page.screenshot(path=str(SCREENSHOTS / "growthhub_page.png"), full_page=True)
         page.context.browser.close()  # type: ignore[union-attr]
 
