@@ -112,14 +112,13 @@ def state_tables(cfg: StateConfig) -> StateTables:
         Column("status", String(16), nullable=False, default="open"),
         Column("resolved_at", ts),
     )
-    Index(
-        f"{p}ix_growthhub_quarantine_open",
-        quarantine.c.location,
-        quarantine.c.source_key,
-        unique=True,
-        postgresql_where=_OPEN,
-        sqlite_where=_OPEN,
-    )
+    open_only: dict[str, Any] = {"postgresql_where": _OPEN, "sqlite_where": _OPEN}
+    q = quarantine.c
+    Index(f"{p}ix_growthhub_quarantine_open", q.location, q.source_key, unique=True, **open_only)
+    # the GrowthHub page: open rows per location and stage, by id (keyset pages); the codes included
+    # let PostgreSQL filter on them without reading the table
+    codes = {"postgresql_include": ["reason_codes"]}
+    Index(f"{p}ix_growthhub_quarantine_open_page", q.location, q.stage, q.id, **codes, **open_only)
     pending = Table(
         f"{p}growthhub_sync_pending",
         md,
@@ -165,8 +164,7 @@ def state_tables(cfg: StateConfig) -> StateTables:
 
 
 def ensure_state(engine: Engine, tables: StateTables) -> None:
-    """Create the state tables if missing, or bring older ones up to date; safe when parallel
-    tasks race to do it.
+    """Create the state tables, or bring older ones up to date; safe when parallel tasks race.
 
     On SQLite it also switches the file to WAL, so the pipeline can write state while its
     extract cursor is still reading (the journal mode persists in the file).
@@ -180,11 +178,13 @@ def ensure_state(engine: Engine, tables: StateTables) -> None:
     for attempt in range(3):
         try:
             tables.metadata.create_all(engine, checkfirst=True)
-            break
+            upgrade_quarantine(engine, tables.quarantine)
+            for index in tables.quarantine.indexes:  # the page's index covers a newer column
+                index.create(engine, checkfirst=True)
+            return
         except (exc.IntegrityError, exc.ProgrammingError, exc.OperationalError):
             if attempt == 2:
                 raise
-    upgrade_quarantine(engine, tables.quarantine)
 
 
 def analyze(engine: Engine, tables: StateTables) -> None:

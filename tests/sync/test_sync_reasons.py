@@ -234,7 +234,20 @@ def test_cli_replay_passes_reasons_and_keys(monkeypatch: pytest.MonkeyPatch, tmp
     seen: dict[str, Any] = {}
     monkeypatch.setattr(cli, "replay_quarantine", lambda *a, **kw: seen.update(kw) or {})
     url = f"sqlite:///{tmp_path / 'w.db'}"
-    cli.main(["--url", url, "replay", "--dry-run", "--reason", "email_invalid", "--reason", "api_409", "--key", "C1"])
+    cli.main(
+        [
+            "--url",
+            url,
+            "replay",
+            "--dry-run",
+            "--reason",
+            "email_invalid",
+            "--reason",
+            "api_409",
+            "--key",
+            "C1",
+        ]
+    )
     assert (seen["reason"], seen["keys"]) == (["email_invalid", "api_409"], ["C1"])
 
 
