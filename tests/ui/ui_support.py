@@ -53,12 +53,12 @@ class StateDB:
     ) -> int:
         """Open a quarantine row the way a sync does (``StateStore``), with its reason codes; its id."""
         payload = {"firstName": "Jane", "email": email, "phone": phone, "locationId": "loc"}
-        row = QuarantineRow(
-            key, stage, list(errors), payload, "hash", http_status=422 if stage == "api" else None
-        )  # type: ignore[arg-type]
+        http_status = 422 if stage == "api" else None
+        row = QuarantineRow(key, stage, list(errors), (), payload, "hash", http_status)  # type: ignore[arg-type]
         q = self.tables.quarantine
         with self.engine.begin() as conn:
             state.StateStore(conn, self.tables, location, run_id=run_id, now=at).quarantine([row])
+            # the codes as given, NULL included (a row an older release wrote)
             conn.execute(
                 update(q).where(q.c.location == location, q.c.source_key == key).values(reason_codes=codes)
             )
