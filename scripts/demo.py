@@ -22,12 +22,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from demo_airflow import AirflowApi, DemoHome, local_url, port_is_free, run_cli, running
-from sqlalchemy import create_engine, select
+from demo_airflow import AirflowApi, AirflowProcesses, DemoHome, local_url, port_is_free, run_cli, running
+from sqlalchemy import Engine, create_engine, select
 
 from growthhub_sandbox.testing import SandboxAdmin, SandboxProcess
 from growthhub_sync import state
-from growthhub_sync.config import load_config
+from growthhub_sync.config import SyncConfig, load_config
 from growthhub_sync.demo import contacts_table, modify_contacts, seed_demo, touch_contacts
 from growthhub_sync.orchestration import SYNC_DAG_ID, pool_name
 
@@ -74,7 +74,7 @@ class Demo:
 
     def print_login(self, port: int) -> None:
         print(f"  Airflow UI: {local_url(port)}  (login admin / {self.home.password()};", end=" ")
-        print(f"the password is in {self.home.password_file})")
+        print(f"the password is in {_shown(self.home.password_file, self.workdir)})")
         print(f"  GrowthHub page: {local_url(port)}/growthhub/")
 
 
@@ -141,7 +141,9 @@ def ui(workdir: Path, port: int) -> None:
                 print("\nStopping.")
 
 
-def _two_runs(api: AirflowApi, airflow: Any, engine: Any, config: Any) -> dict[str, Any] | None:
+def _two_runs(
+    api: AirflowApi, airflow: AirflowProcesses, engine: Engine, config: SyncConfig
+) -> dict[str, Any] | None:
     """The initial load, a few edits, the hourly run of the last complete hour; its summary."""
     location = config.locations[0].name
     _step("Run 1: initial load (full_refresh)")
@@ -168,7 +170,7 @@ def _require_free(port: int) -> None:
 
 
 def _run_dag(
-    api: AirflowApi, airflow: Any, run_id: str, logical_date: datetime, conf: dict[str, Any]
+    api: AirflowApi, airflow: AirflowProcesses, run_id: str, logical_date: datetime, conf: dict[str, Any]
 ) -> None:
     """Trigger a run of the sync DAG and wait for the scheduler to finish it; stop the demo if it failed."""
     api.trigger(SYNC_DAG_ID, run_id, logical_date.isoformat(), conf)

@@ -105,6 +105,26 @@ class TestDemoHome:
         assert home.setting("api", "host") == "127.0.0.1"
 
 
+class TestMakeTargets:
+    def test_demo_and_ui_share_one_port_that_make_passes_on(self) -> None:
+        done = subprocess.run(
+            ["make", "-n", "demo", "ui", "UI_PORT=8123"], cwd=ROOT, capture_output=True, text=True, check=True
+        )
+        commands = [line for line in done.stdout.splitlines() if "scripts/demo.py" in line]
+        assert [c.split("scripts/demo.py", 1)[1] for c in commands] == [" --port 8123", " ui --port 8123"]
+
+    def test_ui_without_a_demo_home_says_to_run_the_demo_first(self, tmp_path: Path) -> None:
+        done = subprocess.run(
+            [sys.executable, str(DEMO), "ui", "--workdir", str(tmp_path), "--port", str(free_port())],
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert (done.returncode, done.stderr.strip()) == (1, "No demo home yet: run `make demo` first.")
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 class TestMakeDemo:
