@@ -104,7 +104,6 @@ def main(workdir: Path, port: int, rows: int) -> None:
             api = AirflowApi(demo.home, port)
             airflow.wait_until(f"DAG {SYNC_DAG_ID}", lambda: api.has_dag(SYNC_DAG_ID))
             api.call("POST", "/pools", {"name": pool_name(location.location_id), "slots": 4})
-            api.call("PATCH", f"/dags/{SYNC_DAG_ID}", {"is_paused": False})
 
             summary = _two_runs(api, airflow, engine, config)
 

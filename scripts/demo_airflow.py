@@ -65,8 +65,12 @@ class DemoHome:
         return self.path / "logs"
 
     def reset(self, port: int) -> None:
-        """A fresh metadata DB and task logs, a new ``airflow.cfg``; the login survives."""
+        """A fresh metadata DB and task logs, a new ``airflow.cfg``; the login survives.
+
+        The home is private to its owner: ``airflow.cfg`` holds the secret that signs API tokens.
+        """
         self.path.mkdir(parents=True, exist_ok=True)
+        self.path.chmod(0o700)
         self.db.unlink(missing_ok=True)
         shutil.rmtree(self.log_folder, ignore_errors=True)
         self.cfg.write_text(self._cfg_text(port))
@@ -87,6 +91,9 @@ load_examples = False
 executor = LocalExecutor
 parallelism = 4
 execution_api_server_url = {base_url}/execution/
+# unpaused, so a run triggered here or in the UI (a replay) just runs; the scheduler starts none
+# by itself (use_job_schedule below)
+dags_are_paused_at_creation = False
 fernet_key = {fernet_key}
 simple_auth_manager_users = {USER}:admin
 simple_auth_manager_passwords_file = {self.password_file}

@@ -98,6 +98,7 @@ class TestDemoHome:
         home.reset(8124)
 
         assert home.password() == password
+        assert home.path.stat().st_mode & 0o077 == 0  # airflow.cfg holds the JWT secret
         assert home.password_file.stat().st_mode & 0o077 == 0
         assert not home.db.exists()
         assert not home.log_folder.exists()
@@ -162,6 +163,11 @@ class TestMakeDemo:
             assert logical <= start <= end, run
         tis = demo.query(f"SELECT * FROM task_instance WHERE dag_id = '{SYNC_DAG_ID}'")
         assert {t["run_id"] for t in tis} == set(RUNS)
+        # a run triggered in the UI (a replay from the GrowthHub page) runs, and none starts by itself
+        assert demo.query("SELECT dag_id, is_paused FROM dag ORDER BY dag_id") == [
+            {"dag_id": "growthhub_contact_sync", "is_paused": 0},
+            {"dag_id": "growthhub_quarantine_replay", "is_paused": 0},
+        ]
         assert all(t["state"] == "success" and t["duration"] >= 0 for t in tis), tis
 
     def test_every_task_has_its_log_in_the_homes_log_folder_and_no_error_but_the_alert(
