@@ -114,6 +114,10 @@ secret_key = {secrets.token_urlsafe(16)}
 [api_auth]
 jwt_secret = {secrets.token_urlsafe(32)}
 
+[dag_processor]
+# parse the DAG files every 2 minutes, not every 30 s: CPU for the runs on a small machine
+min_file_process_interval = 120
+
 [scheduler]
 # runs start only when triggered (by the demo, or by you in the UI): no hourly run of its own
 use_job_schedule = False
