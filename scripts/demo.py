@@ -100,7 +100,7 @@ def main(workdir: Path, port: int, rows: int) -> None:
         _step(f"GrowthHub sandbox on {sandbox.base_url} (location {location.location_id})")
         connections = demo.connections(sandbox.base_url, location.location_id)
         _step("Airflow: API server, scheduler and DAG processor (LocalExecutor)")
-        with running(demo.home, port, connections, demo.var) as airflow:
+        with running(demo.home, port, connections, workdir, demo.var) as airflow:
             api = AirflowApi(demo.home, port)
             airflow.wait_until(f"DAG {SYNC_DAG_ID}", lambda: api.has_dag(SYNC_DAG_ID))
             api.call("POST", "/pools", {"name": pool_name(location.location_id), "slots": 4})
@@ -128,7 +128,7 @@ def ui(workdir: Path, port: int) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop like Ctrl-C: the processes with us
     with demo.sandbox() as sandbox:
         connections = demo.connections(sandbox.base_url, config.locations[0].location_id)
-        with running(demo.home, port, connections, demo.var) as airflow:
+        with running(demo.home, port, connections, workdir, demo.var) as airflow:
             print("The demo's Airflow is up; Ctrl-C stops it.")
             demo.print_login(port)
             print(f"  Logs of Airflow's processes: {_shown(demo.var, workdir)}/<process>.log")

@@ -128,10 +128,6 @@ use_job_schedule = False
         parser.read(self.cfg)
         return parser.get(section, key)
 
-    @property
-    def port(self) -> int:
-        return int(self.setting("api", "port"))
-
     def password(self) -> str:
         return json.loads(self.password_file.read_text())[USER]
 
@@ -167,10 +163,14 @@ def port_is_free(port: int) -> bool:
 
 @dataclass
 class AirflowProcesses:
-    """The processes of :data:`PROCESSES` on a home, each in its own process group, logs in ``log_dir``."""
+    """The processes of :data:`PROCESSES` on a home, each in its own process group, logs in ``log_dir``.
+
+    They run in ``cwd``: the sync config's relative paths (``var/gx``) land there.
+    """
 
     home: DemoHome
     env: dict[str, str]
+    cwd: Path
     log_dir: Path
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
@@ -180,7 +180,7 @@ class AirflowProcesses:
                 self.processes[name] = subprocess.Popen(  # noqa: S603 - our own venv's airflow
                     [AIRFLOW, *args],
                     env=self.env,
-                    cwd=self.home.repo,  # the sync config's relative paths (var/gx) are the repo's
+                    cwd=self.cwd,
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,  # stop() signals the group: executor workers too
@@ -226,10 +226,10 @@ def run_cli(env: dict[str, str], args: list[str], log: Path) -> None:
 
 @contextlib.contextmanager
 def running(
-    home: DemoHome, port: int, connections: dict[str, str], log_dir: Path
+    home: DemoHome, port: int, connections: dict[str, str], cwd: Path, log_dir: Path
 ) -> Iterator[AirflowProcesses]:
     """Airflow's processes on ``home`` until the block ends, the API server answering on ``port``."""
-    stack = AirflowProcesses(home, home.env(port, connections), log_dir)
+    stack = AirflowProcesses(home, home.env(port, connections), cwd, log_dir)
     stack.start()
     try:
         stack.wait_until(

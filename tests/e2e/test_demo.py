@@ -102,7 +102,10 @@ class TestDemoHome:
         assert home.password_file.stat().st_mode & 0o077 == 0
         assert not home.db.exists()
         assert not home.log_folder.exists()
-        assert (home.port, home.setting("api", "base_url")) == (8124, "http://127.0.0.1:8124")
+        assert (home.setting("api", "port"), home.setting("api", "base_url")) == (
+            "8124",
+            "http://127.0.0.1:8124",
+        )
         assert home.setting("api", "host") == "127.0.0.1"
 
 
