@@ -5,8 +5,10 @@ PY := $(VENV)/bin/python
 # Re-install only when a dependency file changes; a second `make test` reuses the venv.
 STAMP := $(VENV)/.installed
 PG_URL ?= postgresql+psycopg2://postgres@127.0.0.1:5432/test
+# The demo's Airflow UI, on loopback only; `make demo` writes it into the demo's home, `make ui` serves it.
+UI_PORT ?= 8080
 
-.PHONY: venv test test-fast lint postgres redis demo bench clean
+.PHONY: venv test test-fast lint postgres redis demo ui bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,7 +34,11 @@ test-fast: venv postgres redis
 
 # The embedded default: SQLite warehouse + SQLite Airflow metadata DB + the sandbox; no services needed.
 demo: venv
-	$(PY) scripts/demo.py
+	$(PY) scripts/demo.py --port $(UI_PORT)
+
+# The Airflow UI on the demo's home (its runs, logs, notes, the GrowthHub page) until Ctrl-C.
+ui: venv
+	$(PY) scripts/demo.py ui --port $(UI_PORT)
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -1,133 +1,186 @@
-"""``make demo``: the whole product on an embedded default, in about a minute.
+"""``make demo``: the whole product on an embedded default, run by Airflow's scheduler; ``make ui``.
 
-A local Airflow home (SQLite metadata DB) under ``.airflow/``, a SQLite warehouse seeded with
-10,000 generated contacts under ``var/demo/``, the GrowthHub sandbox on a free loopback port,
-and two runs of ``growthhub_contact_sync``: the initial load, then a normal hourly run after a
-few source rows changed and more were merely touched. Prints what each run did.
+``make demo``: a local Airflow home (SQLite metadata DB) under ``.airflow/``, a SQLite warehouse
+seeded with 10,000 generated contacts under ``var/demo/``, the GrowthHub sandbox on a free loopback
+port, Airflow's API server, scheduler and DAG processor (LocalExecutor), and two runs of
+``growthhub_contact_sync`` triggered through Airflow's REST API: the initial load, then the hourly
+run of the last complete hour after a few source rows changed in it and more were merely touched.
+Prints what each run did. The runs, their task logs and notes stay in the home for ``make ui``.
+
+``make ui`` (``demo.py ui``): the same processes and the sandbox (its contacts kept from the
+demo) on the demo's home until Ctrl-C; prints the URL and the login.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
-import subprocess
+import signal
 import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, select
+from demo_airflow import AirflowApi, AirflowProcesses, DemoHome, local_url, port_is_free, run_cli, running
+from sqlalchemy import Engine, create_engine, select
 
 from growthhub_sandbox.testing import SandboxAdmin, SandboxProcess
 from growthhub_sync import state
-from growthhub_sync.config import load_config
+from growthhub_sync.config import SyncConfig, load_config
 from growthhub_sync.demo import contacts_table, modify_contacts, seed_demo, touch_contacts
 from growthhub_sync.orchestration import SYNC_DAG_ID, pool_name
 
 ROOT = Path(__file__).resolve().parent.parent
-AIRFLOW_HOME = ROOT / ".airflow"
-VAR = ROOT / "var" / "demo"
 ROWS = 10_000
 CHANGED, TOUCHED = 25, 100
 # The demo sandbox and connection allow far more than GrowthHub's 100 requests per 10 s, so
 # 10,000 contacts load in seconds; a real location would take about 17 minutes.
 DEMO_LIMIT = ["--burst", "100000", "--interval-ms", "1000", "--daily", "10000000"]
 TOKEN = "sandbox-demo-token"  # noqa: S105 - the sandbox's documented fake token
+RUN_TIMEOUT_S = 600
 
 
-def main() -> None:
+class Demo:
+    """Where the demo keeps things: ``.airflow/`` (the Airflow home) and ``var/demo/`` under ``workdir``.
+
+    Airflow's processes run in ``workdir`` too: the sync config's relative paths (``var/gx``) land there.
+    """
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.home = DemoHome(workdir / ".airflow", ROOT)
+        self.var = workdir / "var" / "demo"
+        self.warehouse = self.var / "warehouse.db"
+        self.sandbox_state = self.var / "sandbox.db"
+
+    def sandbox(self) -> SandboxProcess:
+        """The sandbox, its contacts kept in ``var/demo/sandbox.db`` for ``make ui``."""
+        return SandboxProcess(args=[*DEMO_LIMIT, "--state", str(self.sandbox_state)])
+
+    def connections(self, sandbox_url: str, location_id: str) -> dict[str, str]:
+        extra = {
+            "location_id": location_id,
+            "rate_limit_burst": 100_000,
+            "rate_limit_interval_ms": 1000,
+            "rate_limit_daily": 10_000_000,
+        }
+        warehouse = {"conn_type": "sqlite", "host": str(self.warehouse)}
+        growthhub = {"conn_type": "growthhub", "host": sandbox_url, "password": TOKEN, "extra": extra}
+        return {
+            "AIRFLOW_CONN_GROWTHHUB_DEFAULT": json.dumps(growthhub),
+            "AIRFLOW_CONN_WAREHOUSE_DEFAULT": json.dumps(warehouse),
+        }
+
+    def print_login(self, port: int) -> None:
+        print(f"  Airflow UI: {local_url(port)}  (login admin / {self.home.password()};", end=" ")
+        print(f"the password is in {_shown(self.home.password_file, self.workdir)})")
+        print(f"  GrowthHub page: {local_url(port)}/growthhub/")
+
+
+def main(workdir: Path, port: int, rows: int) -> None:
     started = time.monotonic()
-    VAR.mkdir(parents=True, exist_ok=True)
-    warehouse = VAR / "warehouse.db"
-    env = _airflow_env(warehouse)
-    os.environ.update(env)
+    demo = Demo(workdir)
+    _require_free(port)
+    demo.var.mkdir(parents=True, exist_ok=True)
     config = load_config()
     location = config.locations[0]
 
-    _step(f"Airflow home {AIRFLOW_HOME.relative_to(ROOT)}: migrating the SQLite metadata DB")
-    _airflow(["db", "migrate"], "airflow-db-migrate.log")
-    _airflow(["pools", "set", pool_name(location.location_id), "4", "GrowthHub demo"], "airflow-pools.log")
+    _step(f"Airflow home {_shown(demo.home.path, workdir)}: a fresh SQLite metadata DB")
+    demo.home.reset(port)
+    run_cli(demo.home.env(port, {}), ["db", "migrate"], demo.var / "airflow-db-migrate.log")
 
-    _step(f"Warehouse {warehouse.relative_to(ROOT)}: seeding {ROWS:,} generated contacts")
-    warehouse.unlink(missing_ok=True)
-    engine = create_engine(f"sqlite:///{warehouse}")
-    seed_demo(engine, ROWS)
+    _step(f"Warehouse {_shown(demo.warehouse, workdir)}: seeding {rows:,} generated contacts")
+    demo.warehouse.unlink(missing_ok=True)
+    engine = create_engine(f"sqlite:///{demo.warehouse}")
+    seed_demo(engine, rows)
 
-    with SandboxProcess(args=DEMO_LIMIT) as sandbox:
-        admin = SandboxAdmin(sandbox.base_url)
-        os.environ["AIRFLOW_CONN_GROWTHHUB_DEFAULT"] = _growthhub_conn(sandbox.base_url, location.location_id)
+    demo.sandbox_state.unlink(missing_ok=True)
+    with demo.sandbox() as sandbox:
         _step(f"GrowthHub sandbox on {sandbox.base_url} (location {location.location_id})")
+        connections = demo.connections(sandbox.base_url, location.location_id)
+        _step("Airflow: API server, scheduler and DAG processor (LocalExecutor)")
+        with running(demo.home, port, connections, workdir, demo.var) as airflow:
+            api = AirflowApi(demo.home, port)
+            airflow.wait_until(f"DAG {SYNC_DAG_ID}", lambda: api.has_dag(SYNC_DAG_ID))
+            api.call("POST", "/pools", {"name": pool_name(location.location_id), "slots": 4})
 
-        _step("Run 1: initial load (full_refresh)")
-        first = _run_dag(datetime.now(UTC), {"full_refresh": True}, "run1")
-        _print_run(engine, config, first, location.name)
+            summary = _two_runs(api, airflow, engine, config)
 
-        now = datetime.now(UTC)
-        keys = _keys(engine, CHANGED + TOUCHED)
-        modify_contacts(engine, keys[:CHANGED], now, city="Springfield")
-        touch_contacts(engine, now, keys=keys[CHANGED:])
-        _step(f"Changed {CHANGED} rows for real and touched {TOUCHED} more (updated_at only)")
-
-        _step("Run 2: the hourly run whose data interval holds those edits")
-        second = _run_dag(now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1), {}, "run2")
-        summary = _print_run(engine, config, second, location.name)
-
-        contacts = admin.contacts(location.location_id)
+        contacts = SandboxAdmin(sandbox.base_url).contacts(location.location_id)
         print(f"\nThe sandbox now holds {len(contacts):,} contacts for {location.location_id}.")
-        docs = (summary or {}).get("details", {}).get("data_docs")
-        if docs:
-            print(f"Great Expectations Data Docs: {docs}")
-    print(f"Logs of each step: {VAR.relative_to(ROOT)}/*.log. Done in {time.monotonic() - started:.0f} s.")
+    docs = (summary or {}).get("details", {}).get("data_docs")
+    if docs:
+        print(f"Great Expectations Data Docs: {docs}")
+    logs = _shown(demo.home.log_folder, workdir)
+    print(f"Task logs: {logs}/; the demo's own steps: {_shown(demo.var, workdir)}/*.log.")
+    print(f"Done in {time.monotonic() - started:.0f} s. To look at the runs, their logs and notes: make ui")
+    demo.print_login(port)
 
 
-def _airflow_env(warehouse: Path) -> dict[str, str]:
-    return {
-        "AIRFLOW_HOME": str(AIRFLOW_HOME),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW_CONN_WAREHOUSE_DEFAULT": json.dumps({"conn_type": "sqlite", "host": str(warehouse)}),
-    }
+def ui(workdir: Path, port: int) -> None:
+    """Serve the demo's home until Ctrl-C: API server (the UI), scheduler, DAG processor, sandbox."""
+    demo = Demo(workdir)
+    if not demo.home.db.exists():
+        sys.exit("No demo home yet: run `make demo` first.")
+    _require_free(port)
+    config = load_config()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stop like Ctrl-C: the processes with us
+    with demo.sandbox() as sandbox:
+        connections = demo.connections(sandbox.base_url, config.locations[0].location_id)
+        with running(demo.home, port, connections, workdir, demo.var) as airflow:
+            print("The demo's Airflow is up; Ctrl-C stops it.")
+            demo.print_login(port)
+            print(f"  Logs of Airflow's processes: {_shown(demo.var, workdir)}/<process>.log")
+            try:
+                while True:
+                    airflow.check_alive()
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                print("\nStopping.")
 
 
-def _growthhub_conn(base_url: str, location_id: str) -> str:
-    extra = {
-        "location_id": location_id,
-        "rate_limit_burst": 100_000,
-        "rate_limit_interval_ms": 1000,
-        "rate_limit_daily": 10_000_000,
-    }
-    return json.dumps({"conn_type": "growthhub", "host": base_url, "password": TOKEN, "extra": extra})
+def _two_runs(
+    api: AirflowApi, airflow: AirflowProcesses, engine: Engine, config: SyncConfig
+) -> dict[str, Any] | None:
+    """The initial load, a few edits, the hourly run of the last complete hour; its summary."""
+    location = config.locations[0].name
+    _step("Run 1: initial load (full_refresh)")
+    _run_dag(api, airflow, "demo_initial_load", datetime.now(UTC), {"full_refresh": True})
+    _print_run(engine, config, "demo_initial_load", location)
+
+    # the hourly run of the last complete hour (a logical date in the past, as the scheduler's
+    # own runs have), so the edits are stamped inside that hour
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    edited = hour - timedelta(minutes=30)
+    keys = _keys(engine, CHANGED + TOUCHED)
+    modify_contacts(engine, keys[:CHANGED], edited, city="Springfield")
+    touch_contacts(engine, edited, keys=keys[CHANGED:])
+    _step(f"Changed {CHANGED} rows for real, touched {TOUCHED} more (updated_at only), at {edited:%H:%M}")
+
+    _step(f"Run 2: the hourly run of {hour - timedelta(hours=1):%H:%M}-{hour:%H:%M}, which holds the edits")
+    _run_dag(api, airflow, "demo_hourly", hour, {})
+    return _print_run(engine, config, "demo_hourly", location)
 
 
-def _airflow(args: list[str], log_name: str) -> None:
-    """Run an Airflow CLI command, its output to a log file; stop the demo if it fails."""
-    log = VAR / log_name
-    with log.open("w") as out:
-        done = subprocess.run(  # noqa: S603 - our own venv's airflow, fixed arguments
-            [str(Path(sys.executable).with_name("airflow")), *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            check=False,
-        )
-    if done.returncode != 0:
-        sys.exit(f"`airflow {' '.join(args)}` failed; see {log}")
+def _require_free(port: int) -> None:
+    if not port_is_free(port):
+        sys.exit(f"Port {port} on 127.0.0.1 is in use (another Airflow?): pass UI_PORT=<free port> to make.")
 
 
-def _run_dag(logical_date: datetime, conf: dict[str, Any], name: str) -> str:
-    """``airflow dags test`` one run of the sync DAG; returns its run id."""
-    _airflow(
-        ["dags", "test", SYNC_DAG_ID, logical_date.isoformat(), "-c", json.dumps(conf)],
-        f"{name}.log",
-    )
-    text = (VAR / f"{name}.log").read_text()
-    marker = "run_id="
-    line = next(line for line in text.splitlines() if "DagRun Finished" in line)
-    run_id = line.split(marker, 1)[1].split(",", 1)[0]
-    if "state=success" not in line:
-        sys.exit(f"{SYNC_DAG_ID} run {run_id} did not succeed; see {VAR / f'{name}.log'}")
-    return run_id
+def _run_dag(
+    api: AirflowApi, airflow: AirflowProcesses, run_id: str, logical_date: datetime, conf: dict[str, Any]
+) -> None:
+    """Trigger a run of the sync DAG and wait for the scheduler to finish it; stop the demo if it failed."""
+    api.trigger(SYNC_DAG_ID, run_id, logical_date.isoformat(), conf)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while (run_state := api.run_state(SYNC_DAG_ID, run_id)) not in {"success", "failed"}:
+        if time.monotonic() > deadline:
+            sys.exit(f"{SYNC_DAG_ID} run {run_id} still {run_state} after {RUN_TIMEOUT_S} s")
+        airflow.check_alive()
+        time.sleep(1)
+    if run_state != "success":
+        sys.exit(f"{SYNC_DAG_ID} run {run_id} {run_state}; its task logs are under {airflow.home.log_folder}")
 
 
 def _print_run(engine: Any, config: Any, run_id: str, location: str) -> dict[str, Any] | None:
@@ -159,5 +212,20 @@ def _step(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
+def _shown(path: Path, workdir: Path) -> Path:
+    return path.relative_to(workdir) if path.is_relative_to(workdir) else path
+
+
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("command", nargs="?", choices=["demo", "ui"], default="demo")
+    parser.add_argument("--port", type=int, default=8080, help="the Airflow UI's loopback port (%(default)s)")
+    parser.add_argument("--rows", type=int, default=ROWS, help="contacts to seed (%(default)s)")
+    parser.add_argument(
+        "--workdir", type=Path, default=ROOT, help="where .airflow/ and var/ go (the repository)"
+    )
+    args = parser.parse_args()
+    if args.command == "ui":
+        ui(args.workdir.resolve(), args.port)
+    else:
+        main(args.workdir.resolve(), args.port, args.rows)
