@@ -12,7 +12,7 @@ Upstream fixed it in the API (apache/airflow#73298: a port of 0 compares as blan
 installed Airflow has that fix, this root middleware does the same before the route sees the body:
 a test request's ``port: 0`` becomes ``null``. Nothing listens on port 0, so no destination changes;
 a stored port other than blank still differs from it, so stored credentials are never sent to a
-port the caller chose. Loaded from the plugins folder like any Airflow plugin; delete it once
+port the caller chose. Registered by the project's ``airflow.plugins`` entry point; delete it once
 Airflow ships the fix.
 """
 

@@ -123,7 +123,7 @@ def _test_like_the_ui(server: ApiServer, conn_id: str) -> requests.Response:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_the_plugin_loads_from_the_plugins_folder_without_errors(api_server: ApiServer) -> None:
+def test_the_plugin_loads_without_errors(api_server: ApiServer) -> None:
     plugins = api_server.api("GET", "/plugins").json()["plugins"]
     errors = api_server.api("GET", "/plugins/importErrors").json()["import_errors"]
 
