@@ -35,6 +35,7 @@ LAYERS = {
     "upsert": 4,
     "demo": 4,
     "retention": 4,
+    "failures": 4,
     "checks": 5,
     "identity": 5,
     "batch": 6,
