@@ -144,7 +144,7 @@ def test_failure_alert_names_the_recorded_cause_not_the_data(
     failure = RunFailure("connection", "default", "401: Invalid JWT", "growthhub_default", "abc")
     failures.record_failure(warehouse.engine, tables, "r1", failure)
     monkeypatch.setattr(orchestration, "load_config", lambda: config)
-    context: dict[str, Any] = {"dag": SimpleNamespace(dag_id="sync"), "run_id": "r1", "reason": "task_failure"}
+    context: dict[str, Any] = {"dag": SimpleNamespace(dag_id="sync"), "run_id": "r1", "reason": "failed"}
 
     with caplog.at_level(logging.ERROR, logger="growthhub_sync.alerts"):
         orchestration.on_run_failure(context)
