@@ -22,6 +22,7 @@ from growthhub_sync.orchestration import (
     DEFAULT_ARGS,
     SYNC_DAG_ID,
     alert_threshold_breach,
+    fails_fast,
     on_run_failure,
     pool_name,
     run_window,
@@ -54,8 +55,10 @@ Each run syncs the warehouse rows whose `updated_at` falls in the run's data int
 **Params**: `full_refresh` (ignore window and ledger: send everything), `dry_run` (count and show
 sample payloads, write nothing), `locations` (subset), `lookback_minutes`.
 
-**When it fails** you get one alert. Auth errors (401/403) mean the connection's token is wrong
-or spent: fix `growthhub_default` and clear the failed tasks. Transient API failures are retried;
+**When it fails** you get one alert; its first line names the cause. Auth errors (401/403), an
+API version GrowthHub refuses and config errors fail the task at once, without retries, and stop
+the location's other batches: fix the connection (or the config) and clear the failed tasks.
+Transient API failures are retried;
 rows still failing are *deferred* and picked up first by the next run. Rows in the quarantine
 table (`growthhub_quarantine`) carry their reasons: fix them at the source, then trigger
 `growthhub_quarantine_replay`.
@@ -103,6 +106,7 @@ def sync_location(location: LocationConfig) -> Any:
     @task_group(group_id=f"location_{name}")
     def group() -> Any:
         @task
+        @fails_fast(CONFIG, name)
         def plan(params: dict[str, Any]) -> list[dict[str, Any]]:
             from growthhub_sync.pipeline import plan_sync
 
@@ -119,6 +123,7 @@ def sync_location(location: LocationConfig) -> Any:
             return planned["batches"]
 
         @task(pool=pool_name(location.location_id))
+        @fails_fast(CONFIG, name)
         def sync(key_range: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
             from growthhub_sync.pipeline import sync_batch
 
@@ -127,6 +132,7 @@ def sync_location(location: LocationConfig) -> Any:
             return sync_batch(CONFIG, name, window, key_range, _options(context))
 
         @task(trigger_rule="none_failed", outlets=[Asset(f"growthhub://{location.location_id}/contacts")])
+        @fails_fast(CONFIG, name)
         def finalize(batches: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any] | None:
             from growthhub_sync.pipeline import finalize_run
 

@@ -12,6 +12,7 @@ from growthhub_sync.config import load_config
 from growthhub_sync.orchestration import (
     DEFAULT_ARGS,
     REPLAY_DAG_ID,
+    fails_fast,
     on_run_failure,
     pool_name,
     selected_locations,
@@ -86,6 +87,7 @@ def replay_location(location: LocationConfig) -> Any:
     name = location.name
 
     @task(task_id=f"replay_{name}", pool=pool_name(location.location_id))
+    @fails_fast(CONFIG, name)
     def replay(params: dict[str, Any]) -> dict[str, Any] | None:
         from growthhub_sync.pipeline import SyncOptions, replay_quarantine
 

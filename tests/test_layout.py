@@ -38,6 +38,7 @@ LAYERS = {
     "demo": 4,
     "data_docs": 4,
     "retention": 4,
+    "failures": 4,
     "checks": 5,
     "identity": 5,
     "batch": 6,

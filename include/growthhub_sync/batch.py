@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -139,6 +139,8 @@ class BatchRunner:
         """Check and send quarantined rows even when unchanged (the replay)."""
         self.settling = False
         """Sending a run's leftovers after its batches: no other task of the run is sending."""
+        self.before_chunk: Callable[[], None] | None = None
+        """Called before each chunk of a real run; raises to stop the batch (a refused token)."""
 
     def store(self, conn: Connection) -> StateStore:
         """This location's state in one transaction of this run."""
@@ -188,6 +190,8 @@ class BatchRunner:
         Full rows are read only for the rows that changed. ``context`` rows only take part in
         the duplicate check.
         """
+        if self.before_chunk is not None and not self.options.dry_run:
+            self.before_chunk()
         self._chunk_no += 1
         s = Summary(extracted=len(rows), max_samples=self.options.samples)
         chunk = self._diff(rows, s)

@@ -6,17 +6,22 @@ GX, no database, no HTTP at import time) because the DAG processor imports it on
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
+from growthhub_sync import failures
 from growthhub_sync.alerts import format_alert, send_alert
 from growthhub_sync.config import ConfigError, SyncConfig, load_config
 from growthhub_sync.extract import Window
 from growthhub_sync.outcomes import RUN_COUNTS
+
+T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +81,51 @@ def run_url(context: Mapping[str, Any]) -> str | None:
     return f"{base.rstrip('/')}/dags/{dag_id}/runs/{quote(run_id, safe='')}"
 
 
+@contextmanager
+def failing_fast(config: SyncConfig, location: str, run_id: str) -> Iterator[None]:
+    """Fail the task at once, without Airflow's retries, on what no retry can fix: GrowthHub
+    refusing the token (401 after a refresh, 403) or the API version, and config errors.
+
+    The cause is recorded in the location's run row first (:mod:`~growthhub_sync.failures`), so the
+    run's other batches stop sending and the run's failure alert names it. Transient errors pass
+    through untouched and keep their retries.
+    """
+    try:
+        yield
+    except Exception as exc:
+        failure = failures.failure_of(exc, config.location(location))
+        if failure is None:
+            raise
+        try:
+            from growthhub_sync import state
+            from growthhub_sync.warehouse import get_engine
+
+            engine, tables = get_engine(config), state.state_tables(config.state)
+            state.ensure_state(engine, tables)  # a config error at plan may come before it
+            failures.record_failure(engine, tables, run_id, failure)
+        except Exception:  # the warehouse may be what is wrong: the task still fails at once
+            log.exception("could not record the failure of run %s", run_id)
+        from airflow.sdk.exceptions import AirflowFailException
+
+        raise AirflowFailException(failure.headline()) from exc
+
+
+def fails_fast(config: SyncConfig, location: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """Decorate a task callable of one location with :func:`failing_fast` (under ``@task``)."""
+
+    def decorate(fn: Callable[..., T]) -> Callable[..., T]:
+        @functools.wraps(fn)
+        def run(*args: Any, **kwargs: Any) -> T:
+            from airflow.sdk import get_current_context
+
+            with failing_fast(config, location, get_current_context()["run_id"]):
+                return fn(*args, **kwargs)
+
+        return run
+
+    return decorate
+
+
 def top_errors(summaries: Iterable[Mapping[str, Any]], limit: int) -> list[tuple[str, int]]:
     """Most frequent reason codes across the summaries of a run, with their rows."""
     counter: Counter[str] = Counter()
@@ -123,26 +173,33 @@ def on_run_failure(context: Mapping[str, Any]) -> None:
     failed_task = f" in task {ti.task_id}" if ti is not None else ""
     params = context.get("params") or {}
     progress = _run_progress(config, run_id)
+    causes = progress.pop("failures", [])
+    top = config.alerts.top_errors
+    headline = f"run failed{failed_task} ({context.get('reason') or 'task failure'}); see the task log"
     text = format_alert(
-        headline=f"run failed{failed_task} ({context.get('reason') or 'task failure'}); see the task log",
+        headline="; ".join(f.headline() for f in causes) or headline,
         dag_id=dag_id,
         run_id=run_id,
         locations=params.get("locations") or [loc.name for loc in config.locations],
         counts={k: progress[k] for k in ("synced", "quarantined", "deferred") if k in progress},
-        top_errors=Counter(progress.get("reasons", {})).most_common(config.alerts.top_errors),
+        # a known cause is the story: the data-quality reasons of the rows would only distract
+        top_errors=[] if causes else Counter(progress.get("reasons", {})).most_common(top),
         run_url=run_url(context),
     )
     send_alert(config.alerts, text, context)
 
 
 def _run_progress(config: SyncConfig, run_id: str) -> dict[str, Any]:
-    """The run's recorded progress, or nothing if the warehouse cannot tell (the alert goes out anyway)."""
+    """The run's recorded progress and ``failures`` (:class:`~growthhub_sync.failures.RunFailure`),
+    or nothing if the warehouse cannot tell (the alert goes out anyway)."""
     from growthhub_sync import state
     from growthhub_sync.warehouse import get_engine
 
     try:
+        tables = state.state_tables(config.state)
         with get_engine(config).connect() as conn:
-            return state.run_progress(conn, state.state_tables(config.state), run_id)
+            progress = state.run_progress(conn, tables, run_id)
+            return {**progress, "failures": failures.recorded_failures(conn, tables, run_id)}
     except Exception:
         log.exception("could not read the progress of run %s for its alert", run_id)
         return {}

@@ -11,13 +11,13 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from growthhub_sync import state
+from growthhub_sync import failures, state
 from growthhub_sync.batch import BatchRunner, SyncOptions, describe_gx_run, gx_run_name
 from growthhub_sync.checks import check_columns, checker_for
 from growthhub_sync.config import SyncConfig, validate_source_columns
 from growthhub_sync.extract import KeyRange, Source, Window, plan_key_ranges
 from growthhub_sync.outcomes import LEFTOVERS, OUTCOMES, Summary, SyncInvariantError, duplicate_winner
-from growthhub_sync.upsert import UpserterSource, require_connection
+from growthhub_sync.upsert import UpserterSource, check_access, require_connection
 from growthhub_sync.warehouse import get_engine
 
 if TYPE_CHECKING:
@@ -79,6 +79,7 @@ def plan_sync(
     tables = _prepare(config, eng)
     if check_connection and not o.dry_run:
         require_connection(loc)
+        check_access(loc)
     win = _window(window, o.full_refresh)
     source = Source(config, loc, tables, eng.dialect.name)
     with eng.connect() as conn:
@@ -97,8 +98,10 @@ def plan_sync(
 def _start_run(
     eng: Engine, tables: state.StateTables, loc: LocationConfig, win: Window, o: SyncOptions
 ) -> None:
-    """The run row, ``running`` until finalize writes its counts (a retried plan keeps the first)."""
+    """The run row, ``running`` until finalize writes its counts (a retried plan keeps the first,
+    and forgets the failure it recorded: config and connection passed the checks this time)."""
     with eng.begin() as conn:
+        failures.forget_failure(conn, tables, o.run_id, loc.name)
         if state.get_run(conn, tables, o.run_id, loc.name) is None:
             state.write_run(
                 conn,
@@ -130,13 +133,20 @@ def sync_batch(
     """Sync the rows of one key range (window + pending); returns the batch's counts.
 
     Safe to retry: rows already recorded come out ``unchanged`` the second time.
-    Raises the hook's ``GrowthHubAuthError`` (the task must fail) and :class:`SyncInvariantError`.
+    Raises the hook's ``GrowthHubAuthError`` (the task must fail), also before each chunk when
+    another batch of the run recorded one with the same credentials (:mod:`~growthhub_sync.failures`),
+    and :class:`SyncInvariantError`.
     """
     o = options or SyncOptions()
     loc = config.location(location)
     eng = get_engine(config, engine)
     kr = key_range if isinstance(key_range, KeyRange) else KeyRange.from_dict(key_range)
-    summary = BatchRunner(config, loc, eng, o, upserter).run_range(_window(window, o.full_refresh), kr)
+    runner = BatchRunner(config, loc, eng, o, upserter)
+    fingerprint = None if upserter is not None or o.dry_run else failures.credentials_fingerprint(loc.conn_id)
+    if fingerprint is not None:
+        guard = failures.CredentialsGuard(eng, runner.tables, o.run_id, loc.name, fingerprint)
+        runner.before_chunk = guard.check
+    summary = runner.run_range(_window(window, o.full_refresh), kr)
     log.info("batch %s %s: %s", loc.name, kr.as_dict(), summary.counts_line())
     return summary.as_dict()
 

@@ -66,3 +66,14 @@ def require_connection(location: LocationConfig) -> None:
         hook.coordination  # noqa: B018 - resolving it checks the connection's settings
     except GrowthHubConfigError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def check_access(location: LocationConfig) -> None:
+    """
+    One cheap live request with the location's connection (a ``GET`` of a contact that does not
+    exist), so a bad token or an API version GrowthHub refuses fails the plan before any batch
+    sends: raises the hook's ``GrowthHubAuthError`` / ``GrowthHubConfigError``.
+    """
+    from growthhub_provider.hooks.growthhub import GrowthHubHook
+
+    GrowthHubHook(growthhub_conn_id=location.conn_id, location_id=location.location_id).client.verify_access()

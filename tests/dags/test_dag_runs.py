@@ -356,18 +356,22 @@ def test_quarantined_rows_fixed_at_the_source_are_resolved_by_the_replay(harness
 # --- (4) alerting ---------------------------------------------------------------------------------
 
 
-def test_failed_run_sends_exactly_one_notification(harness: Harness) -> None:
+def test_failed_run_sends_exactly_one_notification_naming_the_cause(harness: Harness) -> None:
     harness.seed(40, span=timedelta(minutes=50))
 
     run = harness.run(SYNC_DAG_ID, T0 + timedelta(hours=1), token="not-a-valid-token")
 
     assert run.state == "failed", run.tail()
-    assert harness.upserts().get("401", 0) >= 2  # the task ran twice: try and retry
+    # the plan's one live check found the token bad: no retry, no batch, no upsert
+    assert harness.sandbox.stats()["requests"].get("GET /contacts/{contactId}") == {"401": 1}
+    assert harness.upserts() == {}
     (note,) = harness.notifications()
     assert note["dag_id"] == SYNC_DAG_ID
     assert note["run_id"] == run.run_id
-    assert "run failed" in note["text"]
-    assert "counts: synced=0, quarantined=" in note["text"], "what the run recorded before it failed"
+    assert note["text"].splitlines()[0] == (
+        "GrowthHub sync: GrowthHub rejected the token (401) for location default: "
+        "fix connection growthhub_default, then clear the failed tasks"
+    )
     assert harness.sandbox.contacts(LOCATION_ID) == []
 
 

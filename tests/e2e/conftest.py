@@ -51,6 +51,8 @@ POOL_SLOTS = 2
 BATCH_SIZE = 10
 """Rows per mapped sync task (the plan cuts key ranges of ``batch_size`` rows)."""
 TERMINAL = {"success", "failed"}
+NOTIFIER_DIR = ROOT / "tests" / "dags"
+"""Holds ``notifier.FileNotifier``, an alert channel a test may configure (``alerts.channels``)."""
 STACK = pytest.StashKey["AirflowStack | None"]()
 
 
@@ -293,6 +295,8 @@ def _connections(sandbox_url: str, warehouse_url: str) -> dict[str, str]:
         "AIRFLOW_CONN_WAREHOUSE_DEFAULT": json.dumps({k: v for k, v in warehouse.items() if v is not None}),
         # test_faults_dag.py: a short client timeout (the sandbox hangs just longer) and more workers
         "AIRFLOW_CONN_GROWTHHUB_FAULTS": json.dumps(_growthhub_faults_conn(growthhub)),
+        # test_scheduler.py: a token the sandbox does not know
+        "AIRFLOW_CONN_GROWTHHUB_BAD_TOKEN": json.dumps({**growthhub, "password": "not-a-valid-token"}),
     }
 
 
@@ -369,6 +373,7 @@ def _run_airflow(
         "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
         "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
         "GROWTHHUB_SYNC_CONFIG": str(config_path),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(NOTIFIER_DIR), os.environ.get("PYTHONPATH")])),
         **_connections(sandbox.base_url, warehouse_db),
     }
     stack = AirflowStack(home, env, create_engine(meta_url), config_path, sandbox.base_url)

@@ -7,16 +7,22 @@ pool cap, one sync per interval in a backfill) is what production does.
 
 from __future__ import annotations
 
+import json
+import secrets
+import time
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 import pytest
+import yaml
 
 from growthhub_sync.demo import COLUMNS, generate
-from growthhub_sync.orchestration import pool_name
+from growthhub_sync.orchestration import SYNC_DAG_ID, pool_name
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from conftest import AirflowStack, E2EWarehouse
 
     from growthhub_sandbox.testing import SandboxAdmin
@@ -195,3 +201,48 @@ def test_backfill_over_three_hourly_intervals_syncs_each_once_and_reprocessing_i
         assert (row["status"], row["invariant_ok"]) == ("success", True)
         assert (row["extracted"], row["unchanged"], row["created"], row["updated"]) == (n, n, 0, 0)
     assert_one_contact_per_row(sandbox, e2e_warehouse, expected_keys)
+
+
+def test_wrong_token_fails_the_run_fast_with_one_alert_naming_the_401(
+    airflow_stack: AirflowStack, e2e_warehouse: E2EWarehouse, sandbox: SandboxAdmin, tmp_path: Path
+) -> None:
+    alerts = tmp_path / "alerts.jsonl"
+    data = yaml.safe_load(airflow_stack.config_path.read_text())
+    data["locations"] = [{**data["locations"][0], "conn_id": "growthhub_bad_token"}]  # conftest
+    channel = {"type": "custom", "class_path": "notifier.FileNotifier", "kwargs": {"path": str(alerts)}}
+    data["alerts"] = {"channels": [channel]}
+    airflow_stack.config_path.write_text(yaml.safe_dump(data))
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    e2e_warehouse.insert(contact_rows("W", 300, hour - HOUR, HOUR))
+
+    run_id = f"wrong_token_{secrets.token_hex(4)}"
+    airflow_stack.cli("dags", "trigger", SYNC_DAG_ID, "--run-id", run_id)  # no interval: every row
+    airflow_stack.unpause()  # its scheduled run of the latest hour fails alike, with its own alert
+    (run,) = airflow_stack.wait_for_runs("run_id = :r", 1, r=run_id)
+
+    assert run["state"] == "failed"
+    took_s = (run["end_date"] - run["start_date"]).total_seconds()
+    assert took_s < 90, took_s
+    plan = {t["task_id"]: t for t in airflow_stack.task_instances(run_id)}["location_default.plan"]
+    assert (plan["state"], plan["try_number"]) == ("failed", 1), "failed at once, not retried"
+    assert upserts(sandbox).get("401", 0) <= 3, "bad-token upserts of every run of this test"
+    mine = _alerts_of(alerts, run_id, wait_s=60)
+    time.sleep(5)  # and no second one
+    assert _alerts_of(alerts, run_id) == mine
+    (alert,) = mine
+    assert alert.splitlines()[0] == (
+        "GrowthHub sync: GrowthHub rejected the token (401) for location default: "
+        "fix connection growthhub_bad_token, then clear the failed tasks"
+    )
+
+
+def _alerts_of(path: Path, run_id: str, wait_s: float = 0) -> list[str]:
+    """Texts of the alerts the test notifier wrote for ``run_id``, waiting up to ``wait_s`` for one
+    (the DAG processor runs a run's failure callback a little after the run failed)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        lines = path.read_text().splitlines() if path.exists() else []
+        found = [n["text"] for n in map(json.loads, lines) if n["run_id"] == run_id]
+        if found or time.monotonic() >= deadline:
+            return found
+        time.sleep(1)

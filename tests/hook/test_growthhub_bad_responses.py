@@ -8,6 +8,7 @@ path runs: streaming, the body size cap, decoding, classification, outcomes and 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import Counter
@@ -286,9 +287,10 @@ def test_huge_body_is_not_read_to_its_end(api: FakeApi) -> None:
 
 
 def test_quoted_bodies_never_carry_the_token_and_are_masked_in_logs(
-    api: FakeApi, capsys: pytest.CaptureFixture[str]
+    api: FakeApi, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Outcome messages keep personal data (they feed the quarantine); logs mask it; no token anywhere."""
+    """Outcome messages keep personal data (they feed the quarantine); logs mask it, the per-row
+    lines at debug level too; no token anywhere."""
     page = (
         b"<html><body>Upstream said: contact ann.lee@example.com or +1 888-555-0167. "
         b"Request headers: Authorization: Bearer " + TOKEN.encode() + b", Authorization: Bearer "
@@ -296,10 +298,14 @@ def test_quoted_bodies_never_carry_the_token_and_are_masked_in_logs(
     )
     api.scripts[BAD] = [Reply(502, page, "text/html")]
     api.scripts[GOOD] = [Reply(200, page, "text/html")]
-    outcomes = batch(GrowthHubHook(**FAST))
+    hook = GrowthHubHook(**FAST)
+    hook._log = logging.getLogger("growthhub_provider.hooks.growthhub")  # DEBUG reaches caplog
+    with caplog.at_level(logging.DEBUG):
+        outcomes = batch(hook)
     with pytest.raises(GrowthHubBadResponse) as raised:
         GrowthHubHook(**FAST).upsert_contact({"email": GOOD})
-    logs = capsys.readouterr().out
+    logs = capsys.readouterr().out + caplog.text
+    assert "2 rows failed after retries: 502 x 1, unusable 200 x 1" in logs
     assert "Row bad failed (HTTP 502)" in logs
     assert "Row good failed (HTTP 200)" in logs
     for secret in (TOKEN, "some-other-bearer-token"):

@@ -330,21 +330,21 @@ class TestGrowthHubHook:
     def recorded_rows(self, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
         """Replace the HTTP part of a row by a 10 ms sleep that records what overlapped."""
         lock = threading.Lock()
-        seen: dict[str, Any] = {"active": {}, "overlaps": [], "order": [], "peak": 0}
+        seen: dict[str, Any] = {"active": {}, "overlaps": [], "order": [], "peak": 0, "events": []}
 
-        def fake_row(
-            self: GrowthHubClient, row: Any, daily_reserve: int, abort: threading.Event
-        ) -> UpsertOutcome:
+        def fake_row(self: GrowthHubClient, row: Any, *_: Any) -> UpsertOutcome:
             with lock:
                 seen["overlaps"].extend(
                     (row.key, key) for key, ids in seen["active"].items() if ids & row.identities
                 )
                 seen["active"][row.key] = row.identities
                 seen["order"].append(row.key)
+                seen["events"].append(("start", row.key))
                 seen["peak"] = max(seen["peak"], len(seen["active"]))
             time.sleep(0.01)
             with lock:
                 del seen["active"][row.key]
+                seen["events"].append(("end", row.key))
             return UpsertOutcome(row.key, "updated")
 
         monkeypatch.setattr(GrowthHubClient, "_upsert_row", fake_row)
@@ -361,6 +361,15 @@ class TestGrowthHubHook:
         same = [k for k in recorded_rows["order"] if int(k) % 5 in (0, 1)]
         assert same == sorted(same), "rows of one identity go out in input order"
         assert recorded_rows["peak"] > 2, "other identities still go out concurrently"
+
+    def test_first_row_goes_out_alone_then_the_window_opens(
+        self, growthhub_conn: Callable[..., None], recorded_rows: dict[str, Any]
+    ) -> None:
+        growthhub_conn(max_workers=8)
+        rows = [(f"{i:03}", {"email": f"u{i}@x.io"}) for i in range(40)]
+        assert len(list(GrowthHubHook().upsert_contacts(rows))) == 40
+        assert recorded_rows["events"][:2] == [("start", "000"), ("end", "000")]
+        assert recorded_rows["peak"] == 8, "after the first outcome: max_workers at once"
 
     def test_rows_linked_by_email_and_phone_wait_for_each_other(
         self, growthhub_conn: Callable[..., None], recorded_rows: dict[str, Any]
@@ -416,11 +425,26 @@ class TestGrowthHubHook:
         assert hook.last_batch_stats is not None
         assert hook.last_batch_stats.skipped == 7
 
-    def test_auth_error_escapes_the_batch(self, hook: GrowthHubHook, requests_mock: rm.Mocker) -> None:
-        requests_mock.post(UPSERT_URL, **error(403, "The token is not authorized for this scope."))
-        with pytest.raises(GrowthHubAuthError, match="403"):
+    @pytest.mark.parametrize(
+        ("status", "message", "raised"),
+        [
+            (401, "Invalid token: access token is invalid", GrowthHubAuthError),
+            (403, "The token is not authorized for this scope.", GrowthHubAuthError),
+            (400, "Version header is not supported", GrowthHubConfigError),
+        ],
+    )
+    def test_auth_or_version_error_escapes_the_batch_after_one_request(
+        self,
+        hook: GrowthHubHook,
+        requests_mock: rm.Mocker,
+        status: int,
+        message: str,
+        raised: type[Exception],
+    ) -> None:
+        requests_mock.post(UPSERT_URL, **error(status, message))
+        with pytest.raises(raised, match=str(status)):
             list(hook.upsert_contacts((str(i), {"email": f"u{i}@x.io"}) for i in range(100)))
-        assert requests_mock.call_count < 100
+        assert requests_mock.call_count == 1, "the first request goes out alone"
 
     def test_hooks_of_one_location_share_a_limiter(self, growthhub_conn: Callable[..., None]) -> None:
         growthhub_conn()
@@ -591,14 +615,50 @@ class TestGrowthHubHook:
         self,
         growthhub_conn: Callable[..., None],
         requests_mock: rm.Mocker,
-        capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture,
         log_pii: bool,
         shown: str,
     ) -> None:
         growthhub_conn(log_pii=log_pii)
         requests_mock.post(UPSERT_URL, **error(503, "down@x.io is unreachable"))
-        list(GrowthHubHook(max_attempts=1).upsert_contacts([("k", {"email": "down@x.io"})]))
-        assert f"Row k failed (HTTP 503): 503: {shown} is unreachable" in capsys.readouterr().out
+        hook = GrowthHubHook(max_attempts=1)
+        hook._log = logging.getLogger("growthhub_provider.hooks.growthhub")  # DEBUG reaches caplog
+        with caplog.at_level(logging.DEBUG):
+            list(hook.upsert_contacts([("k", {"email": "down@x.io"})]))
+        assert f"Row k failed (HTTP 503): 503: {shown} is unreachable" in caplog.text
+
+    def test_retries_and_failed_rows_are_summarised_once_per_batch_by_cause(
+        self,
+        growthhub_conn: Callable[..., None],
+        requests_mock: rm.Mocker,
+        caplog: pytest.LogCaptureFixture,
+    ) -> None:
+        growthhub_conn(max_workers=1)  # one row at a time: the responses below go out in order
+        requests_mock.post(
+            UPSERT_URL,
+            [
+                error(500, "Internal Server Error"),
+                error(503, "Service Unavailable"),
+                ok(),
+                {"exc": requests.exceptions.ConnectTimeout},
+                ok(),
+                *[error(502, "Bad Gateway")] * 3,
+            ],
+        )
+        hook = GrowthHubHook(max_attempts=3, **FAST)
+        hook._log = logging.getLogger("growthhub_provider.hooks.growthhub")
+        with caplog.at_level(logging.DEBUG):
+            outcomes = list(hook.upsert_contacts([(k, {"email": f"{k}@x.io"}) for k in "abc"]))
+        assert [o.status for o in outcomes] == ["created", "created", "failed"]
+        stats = hook.last_batch_stats
+        assert stats is not None
+        assert stats.retried_by_cause == {"502": 2, "500": 1, "503": 1, "timeout": 1}
+        above_debug = [r.getMessage() for r in caplog.records if r.levelno > logging.DEBUG]
+        (line,) = [m for m in above_debug if m.startswith("GrowthHub batch: sent=")]
+        assert line.endswith("; retried 5 requests: 502 x 2, 500 x 1, 503 x 1, timeout x 1")
+        (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert warning.startswith("GrowthHub batch: 1 rows failed after retries: 502 x 1")
+        assert len(above_debug) == 2, above_debug
 
     def test_no_secret_reaches_logs_or_errors(
         self,
@@ -639,7 +699,7 @@ class TestGrowthHubHook:
             assert secret not in logs + str(rejected.value) + repr(outcomes)
         assert "GrowthHub batch: sent=2" in logs
         assert "bad@x.io" not in logs
-        assert "Row 2 failed (HTTP 503): 503: email b***@***.io is invalid" in logs
+        assert "GrowthHub batch: 1 rows failed after retries: 503 x 1" in logs  # each row at debug
 
     def test_secrets_are_registered_with_the_masker(
         self, growthhub_conn: Callable[..., None], requests_mock: rm.Mocker

@@ -24,7 +24,14 @@ from urllib.parse import quote
 import requests
 from requests_toolbelt.adapters.socket_options import TCPKeepAliveAdapter
 
-from growthhub_provider.client.batch import BatchRow, BatchStats, IdentityWindow, OutcomeStatus, UpsertOutcome
+from growthhub_provider.client.batch import (
+    BatchRow,
+    BatchStats,
+    IdentityWindow,
+    OutcomeStatus,
+    UpsertOutcome,
+    by_cause,
+)
 from growthhub_provider.client.coordination import LocalCoordination, TokenState
 from growthhub_provider.client.errors import (
     GrowthHubAuthError,
@@ -45,6 +52,7 @@ from growthhub_provider.client.responses import (
     read_body,
     short,
 )
+from growthhub_provider.client.settings import RetryTally
 from growthhub_provider.masking import mask_pii
 
 if TYPE_CHECKING:
@@ -459,7 +467,17 @@ class GrowthHubClient:
             return False, self._scrub(str(e))
         return True, f"Connected to {self.base_url} (API version {self.config.api_version})"
 
-    def _upsert_row(self, row: BatchRow, daily_reserve: int, abort: threading.Event) -> UpsertOutcome:
+    def verify_access(self) -> None:
+        """
+        :meth:`check`, but raising: the auth and config errors that fail a run, transient ones
+        only once the retries are spent (a run is not failed by one blip).
+        """
+        with contextlib.suppress(GrowthHubNotFound):
+            self.config.retry.retrying()(self._call, "GET", f"/contacts/{_CONNECTION_TEST_CONTACT}")
+
+    def _upsert_row(
+        self, row: BatchRow, daily_reserve: int, abort: threading.Event, retries: RetryTally
+    ) -> UpsertOutcome:
         attempts = 0
 
         def attempt() -> requests.Response:
@@ -469,7 +487,7 @@ class GrowthHubClient:
             return self._call("POST", UPSERT_ENDPOINT, row.payload, daily_reserve if attempts == 1 else None)
 
         try:
-            result = self._upsert_result(self.config.retry.retrying(abort)(attempt))
+            result = self._upsert_result(self.config.retry.retrying(abort, retries.add)(attempt))
         except _DailyQuotaReached:
             return UpsertOutcome(row.key, "skipped")
         except GrowthHubRejected as e:
@@ -515,29 +533,35 @@ class GrowthHubClient:
         started = time.monotonic()
         throttled_before = self._throttled
         counts: Counter[str] = Counter()
+        failed: Counter[str] = Counter()
+        retries = RetryTally()
         abort = threading.Event()
         window = IdentityWindow(
-            self.config.max_workers, lambda row: self._upsert_row(row, daily_reserve, abort)
+            self.config.max_workers, lambda row: self._upsert_row(row, daily_reserve, abort, retries)
         )
         batch_rows = (
             BatchRow(key, self._with_location(payload), identity_keys(payload)) for key, payload in rows
         )
         try:
             for outcome in window.outcomes(batch_rows):
-                self._count(counts, outcome)
+                self._count(counts, failed, outcome)
                 yield outcome
         finally:
             abort.set()
             window.close()
-            self._finish_batch(counts, self._throttled - throttled_before, time.monotonic() - started)
+            throttled = self._throttled - throttled_before
+            stats = BatchStats.from_counts(counts, throttled, time.monotonic() - started, retries.counts())
+            self._finish_batch(stats, failed)
 
-    def _count(self, counts: Counter[str], outcome: UpsertOutcome) -> None:
-        """Count one outcome; log a failed row as a warning, a rejected one (quarantined) at debug."""
+    def _count(self, counts: Counter[str], failed: Counter[str], outcome: UpsertOutcome) -> None:
+        """Count one outcome, failed ones by cause; each rejected or failed row is logged at debug."""
         counts[outcome.status] += 1
         counts["retried"] += max(outcome.attempts - 1, 0)
         if outcome.status in ("rejected", "failed"):
-            self.log.log(
-                logging.WARNING if outcome.status == "failed" else logging.DEBUG,
+            if outcome.status == "failed":  # "503: ...", "ConnectTimeout: ...", "200: unusable response: ..."
+                cause, _, rest = (outcome.messages or ["unknown"])[0].partition(":")
+                failed[f"unusable {cause}" if rest.startswith(" unusable") else cause] += 1
+            self.log.debug(
                 "Row %s %s (HTTP %s): %s",
                 outcome.key,
                 outcome.status,
@@ -545,15 +569,15 @@ class GrowthHubClient:
                 self._log_text("; ".join(outcome.messages)),
             )
 
-    def _finish_batch(self, counts: Counter[str], throttled: int, elapsed_s: float) -> None:
-        stats = BatchStats.from_counts(counts, throttled, elapsed_s)
+    def _finish_batch(self, stats: BatchStats, failed: Counter[str]) -> None:
+        """One line of stats per batch, with retries by cause; one warning if rows failed."""
         self.last_batch_stats = stats
         daily_remaining = None
         with contextlib.suppress(GrowthHubError):  # an unreachable shared state is already raised
             daily_remaining = self.daily_remaining
         self.log.info(
             "GrowthHub batch: sent=%d created=%d updated=%d rejected=%d failed=%d skipped=%d "
-            "retried=%d 429s=%d elapsed=%.1fs rows/s=%.1f daily_remaining=%s",
+            "retried=%d 429s=%d elapsed=%.1fs rows/s=%.1f daily_remaining=%s%s",
             stats.sent,
             stats.created,
             stats.updated,
@@ -565,4 +589,10 @@ class GrowthHubClient:
             stats.elapsed_s,
             stats.rows_per_s,
             daily_remaining,
+            by_cause(f"; retried {stats.retried} requests", stats.retried_by_cause),
         )
+        if failed:
+            self.log.warning(
+                "GrowthHub batch: %s (deferred to the next run; each row at debug level)",
+                by_cause(f"{stats.failed} rows failed after retries", failed),
+            )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,7 +15,7 @@ from growthhub_provider.client.coordination import LimitSettings
 from growthhub_provider.client.errors import GrowthHubConfigError, GrowthHubTransientError
 
 if TYPE_CHECKING:
-    import threading
+    from collections.abc import Callable
 
 DEFAULT_API_VERSION = "2023-02-21"
 # Tuned with bench/bench_hook.py: enough requests in flight to hide ~50 ms of latency.
@@ -104,16 +106,28 @@ class RetryPolicy:
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
 
-    def retrying(self, abort: threading.Event | None = None) -> tenacity.Retrying:
+    def retrying(
+        self,
+        abort: threading.Event | None = None,
+        on_retry: Callable[[BaseException | None], None] | None = None,
+    ) -> tenacity.Retrying:
         """
         A tenacity loop of this policy for one call or row.
 
         :param abort: once set, no further attempt starts (a batch that is being torn down).
+        :param on_retry: called with the error of each attempt that is about to be retried, so
+            the caller can summarise retries instead of logging each one.
         """
         stop = tenacity.stop_after_attempt(self.max_attempts) | tenacity.stop_after_delay(self.max_seconds)
         if abort is not None:
             stop = stop | (lambda _: abort.is_set())
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            if on_retry is not None:
+                on_retry(state.outcome.exception() if state.outcome else None)
+
         return tenacity.Retrying(
+            before_sleep=before_sleep,
             retry=tenacity.retry_if_exception_type(
                 (
                     GrowthHubTransientError,
@@ -126,6 +140,35 @@ class RetryPolicy:
             wait=_Backoff(self.backoff_initial_s, self.backoff_max_s),
             reraise=True,
         )
+
+
+def retry_cause(error: BaseException | None) -> str:
+    """A short name for why a request was retried: its status (``429``, ``503``) or ``timeout``."""
+    if isinstance(error, GrowthHubTransientError):
+        return str(error.status)
+    if isinstance(error, requests.Timeout):
+        return "timeout"
+    if isinstance(error, requests.exceptions.ChunkedEncodingError):
+        return "broken body"
+    if isinstance(error, requests.ConnectionError):
+        return "connection error"
+    return type(error).__name__
+
+
+class RetryTally:
+    """Retries of one batch by cause (:func:`retry_cause`), counted from every worker thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._causes: Counter[str] = Counter()
+
+    def add(self, error: BaseException | None) -> None:
+        with self._lock:
+            self._causes[retry_cause(error)] += 1
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._causes.most_common())
 
 
 @dataclass(frozen=True)
