@@ -72,9 +72,15 @@ def build_notifiers(config: AlertsConfig, text: str) -> list[BaseNotifier]:
     return notifiers
 
 
-def send_alert(config: AlertsConfig, text: str, context: Mapping[str, Any]) -> None:
-    """Log the alert, then hand it to every configured notifier; one failing channel spares the rest."""
-    log.error("%s", text)
+def send_alert(
+    config: AlertsConfig, text: str, context: Mapping[str, Any], *, level: int = logging.ERROR
+) -> None:
+    """Log the alert, then hand it to every configured notifier; one failing channel spares the rest.
+
+    ``level``: ERROR for a failed run; a run that succeeded over a threshold logs a WARNING, so a
+    successful run's logs hold no ERROR line.
+    """
+    log.log(level, "%s", text)
     for notifier in build_notifiers(config, text):
         try:
             notifier.notify(dict(context))

@@ -156,7 +156,7 @@ def alert_threshold_breach(
         top_errors=top_errors(breached, config.alerts.top_errors),
         run_url=run_url(context),
     )
-    send_alert(config.alerts, text, context)
+    send_alert(config.alerts, text, context, level=logging.WARNING)
     return True
 
 

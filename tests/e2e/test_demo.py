@@ -173,9 +173,7 @@ class TestMakeDemo:
         ]
         assert all(t["state"] == "success" and t["duration"] >= 0 for t in tis), tis
 
-    def test_every_task_has_its_log_in_the_homes_log_folder_and_no_error_but_the_alert(
-        self, demo: DemoResult
-    ) -> None:
+    def test_every_task_has_its_log_in_the_homes_log_folder_and_no_error_line(self, demo: DemoResult) -> None:
         tis = demo.query(f"SELECT * FROM task_instance WHERE dag_id = '{SYNC_DAG_ID}'")
         expected = set()
         for t in tis:
@@ -191,10 +189,11 @@ class TestMakeDemo:
         assert set(demo.task_logs()) == expected
         events = [json.loads(line) for path in expected for line in path.read_text().splitlines() if line]
         errors = [e for e in events if e.get("level") in {"error", "critical"}]
-        # the demo's data is 12 % bad on purpose: run 1 goes over the 5 % reject-rate threshold
-        assert [(e["run_id"], e["logger"]) for e in errors] == [
-            ("demo_initial_load", "growthhub_sync.alerts")
-        ]
+        assert errors == []
+        # the demo's data is 12 % bad on purpose: run 1 goes over the 5 % reject-rate threshold and
+        # alerts, a WARNING in a run that succeeded
+        alerts = [(e["run_id"], e["level"]) for e in events if e.get("logger") == "growthhub_sync.alerts"]
+        assert alerts == [("demo_initial_load", "warning")]
 
     def test_output_says_how_to_open_the_ui_and_log_in(self, demo: DemoResult) -> None:
         password = json.loads((demo.home / "simple_auth_manager_passwords.json").read_text())["admin"]

@@ -158,6 +158,29 @@ def test_failure_alert_names_the_recorded_cause_not_the_data(
     assert "top errors:" not in rest
 
 
+def test_failed_run_alerts_at_error_a_successful_run_over_the_threshold_at_warning(
+    warehouse: Warehouse,
+    make_config: Callable[..., SyncConfig],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    config = make_config()
+    state.ensure_state(warehouse.engine, state.state_tables(config.state))
+    monkeypatch.setattr(orchestration, "load_config", lambda: config)
+    context: dict[str, Any] = {"dag": SimpleNamespace(dag_id="sync"), "run_id": "r1", "reason": "failed"}
+    breached = {"location": "default", "threshold_breached": True, "reject_rate": 0.5, "extracted": 2}
+
+    with caplog.at_level(logging.INFO, logger="growthhub_sync.alerts"):
+        orchestration.on_run_failure(context)
+        assert orchestration.alert_threshold_breach(config, context, [breached])
+
+    levels = [(r.levelname, r.getMessage().splitlines()[0]) for r in caplog.records]
+    assert levels == [
+        ("ERROR", "GrowthHub sync: run failed (failed); see the task log"),
+        ("WARNING", "GrowthHub sync: reject rate over 5.0% (default 50.0%); see the quarantine table"),
+    ]
+
+
 def test_a_new_plan_forgets_the_failure_it_recorded(
     warehouse: Warehouse, make_config: Callable[..., SyncConfig]
 ) -> None:
