@@ -20,7 +20,7 @@ from growthhub_provider.masking import mask_pii
 OUTCOMES = ("unchanged", "created", "updated", "quarantined", "rejected", "deferred")
 RUN_COUNTS = ("extracted", *OUTCOMES)
 """The counts a run row stores: extracted = the sum of the outcomes."""
-_COUNTERS = (*RUN_COUNTS, "warnings", "checked", "displaced")
+_COUNTERS = (*RUN_COUNTS, "warnings", "checked", "displaced", "upserts", "throttled", "retried")
 
 # summary reasons (Summary.reasons) that are not a check's name
 DUPLICATE = "duplicate"
@@ -107,6 +107,14 @@ class Summary:
     displaced: int = 0
     """Rows synced earlier (this run or before) whose email or phone a newer row took: now
     quarantined as its duplicates. Not an outcome of this run's rows: outside the invariant."""
+    upserts: int = 0
+    """Rows the client sent (each counted once, whatever its retries)."""
+    throttled: int = 0
+    """Responses 429 (rate limited)."""
+    retried: int = 0
+    """Requests sent again after a transient failure (429, 5xx, timeout)."""
+    daily_remaining: int | None = None
+    """The location's daily request quota left after the last send, if known."""
     reasons: Counter[str] = field(default_factory=Counter)
     """Quarantine reasons (check names, ``duplicate``, ``api <status>``) → rows."""
     messages: Counter[str] = field(default_factory=Counter)
@@ -134,6 +142,9 @@ class Summary:
         data = other.as_dict() if isinstance(other, Summary) else other
         for name in _COUNTERS:
             self.count(name, int(data.get(name, 0)))
+        # batches run in parallel: the lowest quota figure is the latest
+        remaining = [r for r in (self.daily_remaining, data.get("daily_remaining")) if r is not None]
+        self.daily_remaining = min(remaining, default=None)
         self.reasons.update(data.get("reasons", {}))
         self.messages.update(data.get("messages", {}))
         self.samples.extend(data.get("samples", [])[: max(0, self.max_samples - len(self.samples))])
@@ -166,6 +177,10 @@ class Summary:
             "warnings": self.warnings,
             "checked": self.checked,
             "displaced": self.displaced,
+            "upserts": self.upserts,
+            "throttled": self.throttled,
+            "retried": self.retried,
+            "daily_remaining": self.daily_remaining,
             "reasons": dict(self.reasons.most_common()),
             "messages": dict(self.messages.most_common(10)),
             "samples": self.samples,

@@ -51,9 +51,13 @@ class BatchStats:
     retried: int
     throttled: int
     elapsed_s: float
+    daily_remaining: int | None = None
+    """The location's daily quota left when the batch ended, if known."""
 
     @classmethod
-    def from_counts(cls, counts: Counter[str], throttled: int, elapsed_s: float) -> BatchStats:
+    def from_counts(
+        cls, counts: Counter[str], throttled: int, elapsed_s: float, daily_remaining: int | None = None
+    ) -> BatchStats:
         """The stats of outcome counts by status, plus ``retried`` (attempts past each row's first)."""
         return cls(
             sent=sum(counts[s] for s in ("created", "updated", "rejected", "failed")),
@@ -65,6 +69,7 @@ class BatchStats:
             retried=counts["retried"],
             throttled=throttled,
             elapsed_s=elapsed_s,
+            daily_remaining=daily_remaining,
         )
 
     @property

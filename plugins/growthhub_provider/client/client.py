@@ -546,11 +546,11 @@ class GrowthHubClient:
             )
 
     def _finish_batch(self, counts: Counter[str], throttled: int, elapsed_s: float) -> None:
-        stats = BatchStats.from_counts(counts, throttled, elapsed_s)
-        self.last_batch_stats = stats
         daily_remaining = None
         with contextlib.suppress(GrowthHubError):  # an unreachable shared state is already raised
             daily_remaining = self.daily_remaining
+        stats = BatchStats.from_counts(counts, throttled, elapsed_s, daily_remaining)
+        self.last_batch_stats = stats
         self.log.info(
             "GrowthHub batch: sent=%d created=%d updated=%d rejected=%d failed=%d skipped=%d "
             "retried=%d 429s=%d elapsed=%.1fs rows/s=%.1f daily_remaining=%s",
