@@ -18,7 +18,7 @@ import logging
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
 from growthhub_sync.outcomes import RUN_COUNTS
 
@@ -92,10 +92,11 @@ def set_run_note(dag_id: str, run_id: str, note: str, conn_id: str = NOTE_CONN_I
     """
     import requests
     from airflow.sdk import BaseHook
+    from airflow.sdk.exceptions import AirflowNotFoundException
 
     try:
         conn = BaseHook.get_connection(conn_id)
-    except Exception:
+    except AirflowNotFoundException:
         log.info("Run note not set (no Airflow connection %r to the API server):\n%s", conn_id, note)
         return False
     root = _api_root(conn.host, conn.schema, conn.port)
@@ -125,9 +126,10 @@ def _api_root(host: str | None, schema: str | None, port: int | None) -> str:
         from airflow.sdk import conf
 
         return (conf.get("api", "base_url", fallback="") or "http://localhost:8080").rstrip("/")
-    if "://" not in host:
-        host = f"{schema or 'http'}://{host}"
-    return f"{host.rstrip('/')}:{port}" if port and host.count(":") < 2 else host.rstrip("/")
+    url = urlsplit(host if "://" in host else f"{schema or 'http'}://{host}")
+    if port and url.port is None:
+        url = url._replace(netloc=f"{url.netloc}:{port}")
+    return urlunsplit(url).rstrip("/")
 
 
 def _short(exc: Exception) -> str:
