@@ -79,7 +79,7 @@ def _compose(head: list[str], rows: list[str], cut: int, reasons: list[str]) -> 
 
 def _reasons_line(result: Mapping[str, Any], base_url: str) -> str:
     """``- **location**: `reason` n, ... · [quarantine](url)``: the top reasons rows were held back."""
-    reasons = sorted(dict(result.get("reasons") or {}).items(), key=lambda kv: -kv[1])
+    reasons = sorted(((k, n) for k, n in (result.get("reasons") or {}).items() if n), key=lambda kv: -kv[1])
     top = ", ".join(f"`{str(code).replace('`', '')}` {n}" for code, n in reasons[:TOP_REASONS])
     link = quarantine_url(base_url, str(result["location"]))
     return f"- **{result['location']}**: {top or 'no row held back'} · [quarantine]({link})"

@@ -42,7 +42,7 @@ RESULT = {
     "daily_remaining": 199_000,
     "duration_s": 2.5,
 }
-OTHER = {"location": "eu.west", "extracted": 5, "created": 5, "reasons": {}}
+OTHER = {"location": "eu.west", "extracted": 5, "created": 5, "reasons": {"duplicate": 0}}
 
 
 # -- the note ----------------------------------------------------------------------------------
