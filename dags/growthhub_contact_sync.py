@@ -18,6 +18,7 @@ from airflow.sdk import (
 )
 
 from growthhub_sync.config import load_config
+from growthhub_sync.operator_view import report_run
 from growthhub_sync.orchestration import (
     DEFAULT_ARGS,
     SYNC_DAG_ID,
@@ -47,13 +48,16 @@ Each run syncs the warehouse rows whose `updated_at` falls in the run's data int
 2. **sync**: one mapped task per batch (pool `growthhub_<location id>` caps concurrent batches per
    location): map, check (Great Expectations), skip unchanged rows, upsert the rest;
 3. **finalize**: adds up the batches, checks *extracted = unchanged + created + updated +
-   quarantined + rejected + deferred*, writes the run row, emits the location's Asset event;
-4. **report**: logs a table of the counts and alerts once if a location's reject rate is over the
-   configured threshold.
+   quarantined + rejected + deferred*, writes the run row; then **publish** emits the location's
+   Asset event (skipped on a dry run);
+4. **report**: logs a table of the counts, puts them on the run's note (with the top reasons and
+   a link to the quarantine page) and into metrics, and alerts once if a location's reject rate is
+   over the configured threshold.
 
 **Backfill**: `airflow backfill create --dag-id growthhub_contact_sync --from-date ... --to-date ...`.
 **Params**: `full_refresh` (ignore window and ledger: send everything), `dry_run` (count and show
-sample payloads, write nothing), `locations` (subset), `lookback_minutes`.
+sample payloads, write nothing, emit no Asset event; its note starts with DRY RUN), `locations`
+(subset), `lookback_minutes`.
 
 **When it fails** you get one alert; its first line names the cause. Auth errors (401/403), an
 API version GrowthHub refuses and config errors fail the task at once, without retries, and stop
@@ -94,6 +98,7 @@ def growthhub_contact_sync() -> None:
     def report(results: list[dict[str, Any] | None]) -> None:
         done = [r for r in results if r]
         log.info("GrowthHub sync run summary\n%s", summary_table(done))
+        report_run(get_current_context(), done, prefix="growthhub.sync")
         alert_threshold_breach(CONFIG, get_current_context(), done)
 
     report([sync_location(location) for location in CONFIG.locations])
@@ -131,7 +136,7 @@ def sync_location(location: LocationConfig) -> Any:
             window = run_window(context, params["lookback_minutes"])
             return sync_batch(CONFIG, name, window, key_range, _options(context))
 
-        @task(trigger_rule="none_failed", outlets=[Asset(f"growthhub://{location.location_id}/contacts")])
+        @task(trigger_rule="none_failed")
         @fails_fast(CONFIG, name)
         def finalize(batches: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any] | None:
             from growthhub_sync.pipeline import finalize_run
@@ -144,9 +149,26 @@ def sync_location(location: LocationConfig) -> Any:
             # answers 404 past the last, which the Task SDK logs as an ERROR ("XCom not found").
             return finalize_run(CONFIG, name, window, batches[:], _options(context))
 
-        return finalize(sync.expand(key_range=plan()))
+        @task.skip_if(lambda context: _no_asset_event(context, name))
+        @task(outlets=[Asset(f"growthhub://{location.location_id}/contacts")])
+        def publish() -> None:
+            """The location's Asset event: DAGs scheduled on it run on the synced contacts."""
+
+        done = finalize(sync.expand(key_range=plan()))
+        done >> publish()
+        return done
 
     return group()
+
+
+def _no_asset_event(context: dict[str, Any], name: str) -> tuple[bool, str]:
+    """A dry run, or a run of other locations, changed nothing a downstream DAG could read."""
+    params = context["params"]
+    if params["dry_run"]:
+        return True, "dry run: no Asset event"
+    if name not in selected_locations(CONFIG, params["locations"]):
+        return True, f"location {name} is not in this run: no Asset event"
+    return False, ""
 
 
 def _options(context: dict[str, Any]) -> SyncOptions:

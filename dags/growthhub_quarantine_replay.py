@@ -9,6 +9,7 @@ import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
 
 from growthhub_sync.config import load_config
+from growthhub_sync.operator_view import report_run
 from growthhub_sync.orchestration import (
     DEFAULT_ARGS,
     REPLAY_DAG_ID,
@@ -76,9 +77,11 @@ rows), `max_rows` per location, `dry_run`. The README's "Reason codes" table lis
     doc_md=DOC,
 )
 def growthhub_quarantine_replay() -> None:
-    @task(trigger_rule="none_failed")
+    @task(retries=0, trigger_rule="none_failed")  # a retry would count the metrics twice
     def report(results: list[dict[str, Any] | None]) -> None:
-        log.info("GrowthHub replay summary\n%s", summary_table([r for r in results if r]))
+        done = [r for r in results if r]
+        log.info("GrowthHub replay summary\n%s", summary_table(done))
+        report_run(get_current_context(), done, prefix="growthhub.replay")
 
     report([replay_location(location) for location in CONFIG.locations])
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Iterator
 
 import pytest
@@ -35,3 +36,29 @@ def _own_rate_limiters() -> Iterator[None]:
     forget_local_limiters()
     yield
     forget_local_limiters()
+
+
+class StatsdListener:
+    """A StatsD server as far as a client can tell: a UDP socket on a free loopback port."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port: int = self.sock.getsockname()[1]
+        self.received: list[str] = []
+
+    def lines(self, wait_s: float = 0.5) -> list[str]:
+        """Every metric line received so far: ``name:value|type``; waits ``wait_s`` for stragglers."""
+        self.sock.settimeout(wait_s)
+        try:
+            while True:
+                self.received.extend(self.sock.recv(65535).decode().splitlines())
+        except TimeoutError:
+            return self.received
+
+
+@pytest.fixture
+def statsd_listener() -> Iterator[StatsdListener]:
+    listener = StatsdListener()
+    yield listener
+    listener.sock.close()

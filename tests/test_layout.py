@@ -45,6 +45,7 @@ LAYERS = {
     "pipeline": 7,
     "alerts": 7,
     "orchestration": 8,
+    "operator_view": 8,
     "__main__": 9,
     "__init__": 9,
 }

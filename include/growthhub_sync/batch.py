@@ -377,12 +377,24 @@ class BatchRunner:
                     self._flush(received, by_key, s)
         finally:
             self._flush(received, by_key, s)  # record what was sent even when an auth error ends the task
+        self._count_requests(s)
         missing = [k for k in by_key if k not in seen]
         if missing:  # the upserter owes one outcome per row; never lose a row if it does not deliver
             log.warning("%d rows without an upsert outcome: deferred", len(missing))
             s.deferred += len(missing)
             with self.engine.begin() as conn:
                 self.store(conn).mark_pending(dict.fromkeys(missing, NO_OUTCOME))
+
+    def _count_requests(self, s: Summary) -> None:
+        """The client's counters of the send just done, for metrics (a fake upserter has none)."""
+        stats = getattr(self._upserter, "last_batch_stats", None)
+        if stats is None:
+            return
+        s.upserts += stats.sent
+        s.throttled += stats.throttled
+        s.retried += stats.retried
+        if stats.daily_remaining is not None:
+            s.daily_remaining = stats.daily_remaining
 
     def _receive(self, outcome: UpsertOutcome, out: _Outgoing, received: _Received, s: Summary) -> None:
         key, messages = out.row.key, list(outcome.messages or [])

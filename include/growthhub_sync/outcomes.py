@@ -21,7 +21,9 @@ from growthhub_sync.reasons import DUPLICATE_IDENTITY, join_codes
 OUTCOMES = ("unchanged", "created", "updated", "quarantined", "rejected", "deferred")
 RUN_COUNTS = ("extracted", *OUTCOMES)
 """The counts a run row stores: extracted = the sum of the outcomes."""
-_COUNTERS = (*RUN_COUNTS, "warnings", "checked", "displaced", "still_quarantined")
+_COUNTERS = (
+    *RUN_COUNTS, "warnings", "checked", "displaced", "still_quarantined", "upserts", "throttled", "retried"
+)  # fmt: skip
 
 # why a row waits in the pending table
 CHANGED_OR_GONE = "changed or gone during the run"
@@ -122,6 +124,14 @@ class Summary:
     still_quarantined: int = 0
     """Quarantined rows unchanged since they were quarantined (not checked or sent again); their
     reasons were counted by the run that quarantined them."""
+    upserts: int = 0
+    """Rows the client sent (each counted once, whatever its retries)."""
+    throttled: int = 0
+    """Responses 429 (rate limited)."""
+    retried: int = 0
+    """Requests sent again after a transient failure (429, 5xx, timeout)."""
+    daily_remaining: int | None = None
+    """The location's daily request quota left after the last send, if known."""
     reasons: Counter[str] = field(default_factory=Counter)
     """Reason codes (:mod:`growthhub_sync.reasons`) → rows this run quarantined, had rejected or
     displaced; a row counts once under each of its codes."""
@@ -150,6 +160,9 @@ class Summary:
         data = other.as_dict() if isinstance(other, Summary) else other
         for name in _COUNTERS:
             self.count(name, int(data.get(name, 0)))
+        # batches run in parallel: the lowest quota figure is the latest
+        remaining = [r for r in (self.daily_remaining, data.get("daily_remaining")) if r is not None]
+        self.daily_remaining = min(remaining, default=None)
         self.reasons.update(data.get("reasons", {}))
         self.messages.update(data.get("messages", {}))
         self.samples.extend(data.get("samples", [])[: max(0, self.max_samples - len(self.samples))])
@@ -183,6 +196,10 @@ class Summary:
             "checked": self.checked,
             "displaced": self.displaced,
             "still_quarantined": self.still_quarantined,
+            "upserts": self.upserts,
+            "throttled": self.throttled,
+            "retried": self.retried,
+            "daily_remaining": self.daily_remaining,
             "reasons": dict(self.reasons.most_common()),
             "messages": dict(self.messages.most_common(10)),
             "samples": self.samples,

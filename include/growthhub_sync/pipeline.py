@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from growthhub_sync import failures, state
@@ -191,6 +192,7 @@ def finalize_run(
     if leftovers is not None and leftovers.extracted:
         details["leftovers"] = {**leftovers.outcome_counts(), "displaced": leftovers.displaced}
     with eng.begin() as conn:
+        started = (state.get_run(conn, tables, o.run_id, loc.name) or {}).get("started_at")
         state.write_run(conn, tables, _run_row(o, loc, win, total, n, status, details))
     if not o.dry_run and total.accounted > total.unchanged:
         state.analyze(eng, tables)
@@ -211,7 +213,17 @@ def finalize_run(
         "invariant_ok": total.invariant_ok,
         "dry_run": o.dry_run,
         "threshold_breached": total.reject_rate > config.quality.reject_rate_threshold,
+        "duration_s": _seconds_since(started),
     }
+
+
+def _seconds_since(started: datetime | None) -> float | None:
+    """Seconds from the run row's start (plan) to now; SQLite hands back naive UTC times."""
+    if started is None:
+        return None
+    if started.tzinfo is None:
+        started = started.replace(tzinfo=UTC)
+    return max((state.utcnow() - started).total_seconds(), 0.0)
 
 
 def _run_row(
@@ -315,7 +327,8 @@ def replay_quarantine(
     What now syncs (or is found already in step) is resolved, what still fails is updated
     (attempts + 1); rows gone from the source are marked ``ignored``. Returns the run summary.
     """
-    o = options or SyncOptions(run_id=f"replay__{state.utcnow().isoformat()}")
+    started = state.utcnow()
+    o = options or SyncOptions(run_id=f"replay__{started.isoformat()}")
     loc = config.location(location)
     eng = get_engine(config, engine)
     _prepare(config, eng)
@@ -334,4 +347,9 @@ def replay_quarantine(
         with eng.begin() as conn:
             runner.store(conn).resolve_quarantine(gone, status="ignored")
     out = finalize_run(config, loc.name, None, [runner.summary.as_dict()], o, engine=eng, upserter=upserter)
-    return {**out, "selected": len(chosen), "gone_from_source": len(gone)}
+    return {
+        **out,
+        "selected": len(chosen),
+        "gone_from_source": len(gone),
+        "duration_s": _seconds_since(started),
+    }

@@ -148,11 +148,11 @@ def test_sync_dag_locations_param_accepts_only_configured_names(parsed: Parsed) 
 def test_sync_dag_has_plan_sync_finalize_per_location(parsed: Parsed, location: dict[str, Any]) -> None:
     dag = _dag(parsed, SYNC_DAG_ID)
     group = f"location_{location['name']}"
-    for step in ("plan", "sync", "finalize"):
+    for step in ("plan", "sync", "finalize", "publish"):
         assert f"{group}.{step}" in dag.task_ids
     assert dag.get_task(f"{group}.plan").downstream_task_ids == {f"{group}.sync"}
     assert dag.get_task(f"{group}.sync").downstream_task_ids == {f"{group}.finalize"}
-    assert dag.get_task(f"{group}.finalize").downstream_task_ids == {"report"}
+    assert dag.get_task(f"{group}.finalize").downstream_task_ids == {"report", f"{group}.publish"}
 
 
 @pytest.mark.parametrize("location", TWO_LOCATIONS, ids=lambda loc: loc["name"])
@@ -169,10 +169,14 @@ def test_sync_tasks_are_mapped_over_the_plan(parsed: Parsed, location: dict[str,
     assert isinstance(task, MappedOperator)
 
 
-@pytest.mark.parametrize("location", TWO_LOCATIONS, ids=lambda loc: loc["name"])
-def test_finalize_emits_the_location_asset(parsed: Parsed, location: dict[str, Any]) -> None:
-    task = _dag(parsed, SYNC_DAG_ID).get_task(f"location_{location['name']}.finalize")
-    assert [o.uri for o in task.outlets] == [f"growthhub://{location['location_id']}/contacts"]
+def test_only_publish_emits_the_location_asset(parsed: Parsed) -> None:
+    # publish is skipped on a dry run: a task with the outlet emits its event whenever it succeeds
+    dag = _dag(parsed, SYNC_DAG_ID)
+    emitting = {t.task_id: [o.uri for o in t.outlets] for t in dag.tasks if t.outlets}
+    groups = {f"location_{loc['name']}": loc["location_id"] for loc in TWO_LOCATIONS}
+    assert emitting == {f"{g}.publish": [f"growthhub://{lid}/contacts"] for g, lid in groups.items()}
+    for group in groups:
+        assert dag.get_task(f"{group}.publish").upstream_task_ids == {f"{group}.finalize"}
 
 
 @pytest.mark.parametrize("location", TWO_LOCATIONS, ids=lambda loc: loc["name"])

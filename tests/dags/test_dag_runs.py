@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,14 +27,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 import yaml
 from sqlalchemy import Engine, create_engine, func, select, text
 
-from growthhub_sandbox.testing import SandboxAdmin, SandboxProcess
+from growthhub_sandbox.testing import SandboxAdmin, SandboxProcess, free_port
 from growthhub_sync import state
 from growthhub_sync.config import load_config
 from growthhub_sync.demo import contacts_table, modify_contacts, seed_demo
 from growthhub_sync.orchestration import REPLAY_DAG_ID, SYNC_DAG_ID, pool_name
+from growthhub_sync.outcomes import RUN_COUNTS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -167,9 +171,15 @@ class Harness:
         seed_demo(self.engine, n, schema=self.schema, start=T0, span=span, bad_share=bad_share, seed=seed)
 
     def run(
-        self, dag_id: str, logical_date: datetime, conf: dict[str, Any] | None = None, *, token: str = TOKEN
+        self,
+        dag_id: str,
+        logical_date: datetime,
+        conf: dict[str, Any] | None = None,
+        *,
+        token: str = TOKEN,
+        env_extra: dict[str, str] | None = None,
     ) -> Run:
-        env = _airflow_env(self.home)
+        env = {**_airflow_env(self.home), **(env_extra or {})}
         env["GROWTHHUB_SYNC_CONFIG"] = str(self.config_path)
         env["AIRFLOW_CONN_GROWTHHUB_DEFAULT"] = json.dumps(
             {
@@ -217,6 +227,80 @@ class Harness:
         from notifier import read_notifications
 
         return read_notifications(self.notifications_path)
+
+    # -- what Airflow recorded of the run (its metadata DB) ----------------------------------------
+    def _metadata(self, sql: str, **params: Any) -> list[Any]:
+        engine = create_engine(f"sqlite:///{self.home / 'airflow.db'}")
+        try:
+            with engine.connect() as conn:
+                return list(conn.execute(text(sql), params))
+        finally:
+            engine.dispose()
+
+    def note(self, run: Run) -> str | None:
+        rows = self._metadata(
+            "SELECT n.content FROM dag_run_note n JOIN dag_run r ON r.id = n.dag_run_id"
+            " WHERE r.dag_id = :dag_id AND r.run_id = :run_id",
+            dag_id=run.dag_id,
+            run_id=run.run_id,
+        )
+        return rows[0][0] if rows else None
+
+    def asset_events(self, run: Run) -> list[str]:
+        rows = self._metadata(
+            "SELECT a.uri FROM asset_event e JOIN asset a ON a.id = e.asset_id"
+            " WHERE e.source_dag_id = :dag_id AND e.source_run_id = :run_id",
+            dag_id=run.dag_id,
+            run_id=run.run_id,
+        )
+        return [uri for (uri,) in rows]
+
+
+@dataclass
+class ApiServer:
+    """``airflow api-server`` on the session's Airflow home, with one API user for the run notes."""
+
+    url: str
+    user: str = "growthhub-notes"
+    password: str = "notes-password"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """What a run needs to write its note: the connection to this server."""
+        conn = {"conn_type": "http", "host": self.url, "login": self.user, "password": self.password}
+        return {"AIRFLOW_CONN_AIRFLOW_API_DEFAULT": json.dumps(conn)}
+
+
+@pytest.fixture(scope="module")
+def api_server(airflow_home: Path) -> Iterator[ApiServer]:
+    server = ApiServer(f"http://127.0.0.1:{free_port()}")
+    passwords = airflow_home / "api_passwords.json"
+    passwords.write_text(json.dumps({server.user: server.password}))
+    env = _airflow_env(airflow_home) | {
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{server.user}:user",  # may edit DAG runs
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+    }
+    port = server.url.rsplit(":", 1)[1]
+    args = [AIRFLOW, "api-server", "--apps", "core", "--host", "127.0.0.1", "--port", port]
+    with (airflow_home / f"api-server-{port}.log").open("w") as log:
+        proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not _answers(f"{server.url}/api/v2/monitor/health"):
+            assert proc.poll() is None, "api-server exited"
+            assert time.monotonic() < deadline, "api-server did not answer"
+            time.sleep(0.5)
+        yield server
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return requests.get(url, timeout=2).ok
+    except requests.RequestException:
+        return False
 
 
 @pytest.fixture(scope="session")
@@ -324,7 +408,9 @@ def test_consecutive_intervals_sync_each_row_once(harness: Harness) -> None:
 # --- (3) the replay ------------------------------------------------------------------------------
 
 
-def test_quarantined_rows_fixed_at_the_source_are_resolved_by_the_replay(harness: Harness) -> None:
+def test_quarantined_rows_fixed_at_the_source_are_resolved_by_the_replay(
+    harness: Harness, api_server: ApiServer
+) -> None:
     harness.seed(150, span=timedelta(minutes=50), bad_share=0.08)
     sync = harness.run(SYNC_DAG_ID, T0 + timedelta(hours=1))
     assert sync.state == "success", sync.tail()
@@ -342,9 +428,11 @@ def test_quarantined_rows_fixed_at_the_source_are_resolved_by_the_replay(harness
         )
     before = harness.upserts().get("200", 0)
 
-    replay = harness.run(REPLAY_DAG_ID, T0 + timedelta(hours=4))
+    replay = harness.run(REPLAY_DAG_ID, T0 + timedelta(hours=4), env_extra=api_server.env)
 
     assert replay.state == "success", replay.tail()
+    n = len(quarantined)
+    assert f"| default | {n} | 0 | {n} | 0 | 0 | 0 | 0 |" in (harness.note(replay) or "").splitlines()
     after = {r["source_key"]: r for r in harness.rows("quarantine")}
     assert {k: after[k]["status"] for k in quarantined} == dict.fromkeys(quarantined, "resolved")
     emails = {(c.get("email") or "").lower() for c in harness.sandbox.contacts(LOCATION_ID)}
@@ -413,12 +501,13 @@ def dry_run(
     pg_engine: Engine,
     sandbox_server: SandboxProcess,
     make_config_data: Callable[..., dict[str, Any]],
+    api_server: ApiServer,
 ) -> Iterator[tuple[Harness, Run]]:
     h = _harness(
         airflow_home, tmp_path_factory.mktemp("dry_run"), pg_engine, sandbox_server, make_config_data
     )
     h.seed(60, span=timedelta(minutes=50), bad_share=0.1)
-    run = h.run(SYNC_DAG_ID, T0 + timedelta(hours=1), {"dry_run": True})
+    run = h.run(SYNC_DAG_ID, T0 + timedelta(hours=1), {"dry_run": True}, env_extra=api_server.env)
     yield h, run
     _drop(h)
 
@@ -444,3 +533,46 @@ def test_dry_run_records_only_a_run_row_flagged_dry_run(dry_run: tuple[Harness, 
     # the runs table has a dry_run column: finalize_run records dry runs there, flagged
     h, run = dry_run
     assert [(r["run_id"], r["dry_run"]) for r in h.rows("runs")] == [(run.run_id, True)]
+
+
+def test_dry_run_note_starts_with_dry_run(dry_run: tuple[Harness, Run]) -> None:
+    h, run = dry_run
+    note = h.note(run)
+    assert note is not None, run.tail()
+    assert note.startswith("DRY RUN")
+    assert "| default | 60 |" in note
+
+
+def test_dry_run_emits_no_asset_event(dry_run: tuple[Harness, Run]) -> None:
+    h, run = dry_run
+    assert h.asset_events(run) == []
+
+
+# --- (6) what the operator sees: the run's note, its Asset event, its metrics -------------------
+
+
+def test_run_note_asset_event_and_metrics_show_what_the_run_recorded(
+    harness: Harness, api_server: ApiServer, statsd_listener: Any
+) -> None:
+    harness.seed(60, span=timedelta(minutes=50), bad_share=0.1)
+    statsd = {
+        "AIRFLOW__METRICS__STATSD_ON": "True",
+        "AIRFLOW__METRICS__STATSD_HOST": "127.0.0.1",
+        "AIRFLOW__METRICS__STATSD_PORT": str(statsd_listener.port),
+    }
+
+    run = harness.run(SYNC_DAG_ID, T0 + timedelta(hours=1), env_extra=api_server.env | statsd)
+
+    assert run.state == "success", run.tail()
+    (row,) = harness.rows("runs")
+    note = harness.note(run)
+    assert note is not None, run.tail()
+    assert "| default | " + " | ".join(str(row[c]) for c in RUN_COUNTS) + " |" in note.splitlines()
+    reason, n = next(iter(row["details"]["reasons"].items()))  # the most frequent
+    assert f"`{reason}` {n}" in note
+    assert "[quarantine](/growthhub/quarantine?location=default)" in note
+    assert harness.asset_events(run) == [f"growthhub://{LOCATION_ID}/contacts"]
+    lines = statsd_listener.lines()
+    assert f"airflow.growthhub.sync.rows.default.created:{row['created']}|c" in lines
+    assert f"airflow.growthhub.sync.reasons.default.{reason}:{n}|c" in lines
+    assert any(line.startswith("airflow.growthhub.sync.duration.default:") for line in lines)

@@ -16,7 +16,7 @@ from growthhub_provider.client import GrowthHubAuthError
 from growthhub_sandbox.testing import SandboxAdmin, SandboxProcess
 from growthhub_sync import state
 from growthhub_sync.config import SyncConfig
-from growthhub_sync.demo import modify_contacts
+from growthhub_sync.demo import modify_contacts, seed_demo
 from growthhub_sync.pipeline import SyncOptions, sync
 
 pytestmark = pytest.mark.integration
@@ -137,3 +137,26 @@ def test_auth_error_fails_the_sync(
     t = state.state_tables(make_config().state).ledger
     with seeded.engine.connect() as c:
         assert c.execute(select(func.count()).select_from(t)).scalar_one() == 0
+
+
+def test_run_summary_counts_the_clients_requests_retries_and_quota_left(
+    warehouse: Warehouse, make_config: Callable[..., SyncConfig], crm: SandboxAdmin
+) -> None:
+    from growthhub_provider.hooks.growthhub import GrowthHubHook
+
+    seed_demo(warehouse.engine, 40, schema=warehouse.schema, start=T0, bad_share=0)
+    crm.set_faults(error_rate=0.3, error_statuses=[503], seed=5)
+    hook = GrowthHubHook(location_id="loc1", backoff_initial_s=0.01, backoff_max_s=0.02)
+
+    out = sync(
+        make_config(), "default", DAY, SyncOptions(run_id="r1"), engine=warehouse.engine, upserter=hook
+    )
+
+    requests = crm.stats()["requests"]["POST /contacts/upsert"]
+    assert out["deferred"] == 0
+    assert out["upserts"] == requests["200"] == out["created"] + out["updated"]
+    assert out["retried"] == requests["503"] > 0
+    assert out["throttled"] == 0
+    # the client's own figure: the server's last one less what went out since (the sandbox's --daily)
+    assert out["daily_remaining"] == hook.daily_remaining <= 1_000_000_000 - sum(requests.values())
+    assert out["duration_s"] > 0

@@ -53,10 +53,17 @@ class BatchStats:
     elapsed_s: float
     retried_by_cause: dict[str, int]
     """``retried`` by cause: ``{"429": 200, "503": 100, "timeout": 12}``."""
+    daily_remaining: int | None = None
+    """The location's daily quota left when the batch ended, if known."""
 
     @classmethod
     def from_counts(
-        cls, counts: Counter[str], throttled: int, elapsed_s: float, retried_by_cause: dict[str, int]
+        cls,
+        counts: Counter[str],
+        throttled: int,
+        elapsed_s: float,
+        retried_by_cause: dict[str, int],
+        daily_remaining: int | None = None,
     ) -> BatchStats:
         """The stats of outcome counts by status, plus ``retried`` (attempts past each row's first)."""
         return cls(
@@ -70,11 +77,22 @@ class BatchStats:
             throttled=throttled,
             elapsed_s=elapsed_s,
             retried_by_cause=retried_by_cause,
+            daily_remaining=daily_remaining,
         )
 
     @property
     def rows_per_s(self) -> float:
         return self.sent / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def summary_line(self) -> str:
+        """The batch's one INFO line: counts, pace, the quota left and the retries by cause."""
+        return (
+            f"GrowthHub batch: sent={self.sent} created={self.created} updated={self.updated} "
+            f"rejected={self.rejected} failed={self.failed} skipped={self.skipped} "
+            f"retried={self.retried} 429s={self.throttled} elapsed={self.elapsed_s:.1f}s "
+            f"rows/s={self.rows_per_s:.1f} daily_remaining={self.daily_remaining}"
+            + by_cause(f"; retried {self.retried} requests", self.retried_by_cause)
+        )
 
 
 def by_cause(head: str, causes: Mapping[str, int]) -> str:

@@ -549,9 +549,10 @@ class GrowthHubClient:
         finally:
             abort.set()
             window.close()
-            throttled = self._throttled - throttled_before
-            stats = BatchStats.from_counts(counts, throttled, time.monotonic() - started, retries.counts())
-            self._finish_batch(stats, failed)
+            elapsed_s = time.monotonic() - started
+            self._finish_batch(
+                counts, failed, self._throttled - throttled_before, elapsed_s, retries.counts()
+            )
 
     def _count(self, counts: Counter[str], failed: Counter[str], outcome: UpsertOutcome) -> None:
         """Count one outcome, failed ones by cause; each rejected or failed row is logged at debug."""
@@ -569,28 +570,21 @@ class GrowthHubClient:
                 self._log_text("; ".join(outcome.messages)),
             )
 
-    def _finish_batch(self, stats: BatchStats, failed: Counter[str]) -> None:
+    def _finish_batch(
+        self,
+        counts: Counter[str],
+        failed: Counter[str],
+        throttled: int,
+        elapsed_s: float,
+        retried: dict[str, int],
+    ) -> None:
         """One line of stats per batch, with retries by cause; one warning if rows failed."""
-        self.last_batch_stats = stats
         daily_remaining = None
         with contextlib.suppress(GrowthHubError):  # an unreachable shared state is already raised
             daily_remaining = self.daily_remaining
-        self.log.info(
-            "GrowthHub batch: sent=%d created=%d updated=%d rejected=%d failed=%d skipped=%d "
-            "retried=%d 429s=%d elapsed=%.1fs rows/s=%.1f daily_remaining=%s%s",
-            stats.sent,
-            stats.created,
-            stats.updated,
-            stats.rejected,
-            stats.failed,
-            stats.skipped,
-            stats.retried,
-            stats.throttled,
-            stats.elapsed_s,
-            stats.rows_per_s,
-            daily_remaining,
-            by_cause(f"; retried {stats.retried} requests", stats.retried_by_cause),
-        )
+        stats = BatchStats.from_counts(counts, throttled, elapsed_s, retried, daily_remaining)
+        self.last_batch_stats = stats
+        self.log.info("%s", stats.summary_line())
         if failed:
             self.log.warning(
                 "GrowthHub batch: %s (deferred to the next run; each row at debug level)",
