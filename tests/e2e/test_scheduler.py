@@ -121,6 +121,7 @@ def test_scheduled_run_syncs_its_interval_in_pooled_batches_running_in_parallel_
     assert {t["task_id"]: t["state"] for t in tis if t["task_id"] != SYNC_TASK} == {
         "location_default.plan": "success",
         "location_default.finalize": "success",
+        "location_default.publish": "success",
         "report": "success",
     }
     syncs = [t for t in tis if t["task_id"] == SYNC_TASK]

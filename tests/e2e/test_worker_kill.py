@@ -290,6 +290,7 @@ def test_sync_task_process_sigkilled_mid_batch_is_retried_by_airflow_and_converg
     assert others == {
         "location_default.plan": ("success", 1),
         "location_default.finalize": ("success", 1),
+        "location_default.publish": ("success", 1),
         "report": ("success", 1),
     }
     history = airflow_stack.query(

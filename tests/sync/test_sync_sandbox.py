@@ -146,7 +146,8 @@ def test_run_summary_counts_the_clients_requests_retries_and_quota_left(
 
     seed_demo(warehouse.engine, 40, schema=warehouse.schema, start=T0, bad_share=0)
     crm.set_faults(error_rate=0.3, error_statuses=[503], seed=5)
-    hook = GrowthHubHook(location_id="loc1", backoff_initial_s=0.01, backoff_max_s=0.02)
+    # enough attempts that no row runs out of them (0.3 ** 20): every row ends created or updated
+    hook = GrowthHubHook(location_id="loc1", max_attempts=20, backoff_initial_s=0.01, backoff_max_s=0.02)
 
     out = sync(
         make_config(), "default", DAY, SyncOptions(run_id="r1"), engine=warehouse.engine, upserter=hook
