@@ -29,6 +29,8 @@ from urllib.parse import quote
 
 import requests
 
+from growthhub_sync.operator_view import NOTE_CONN_ID
+
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 USER = "admin"
 PROCESSES = {
@@ -138,12 +140,15 @@ use_job_schedule = False
         """
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
         base_url = local_url(port)
+        # the report task writes each run's note through the API, as the demo's user
+        api = {"conn_type": "http", "host": base_url, "login": USER, "password": self.password()}
         return {
             **inherited,
             "AIRFLOW_HOME": str(self.path),
             "AIRFLOW__API__PORT": str(port),
             "AIRFLOW__API__BASE_URL": base_url,
             "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{base_url}/execution/",
+            f"AIRFLOW_CONN_{NOTE_CONN_ID.upper()}": json.dumps(api),
             **extra,
         }
 

@@ -195,6 +195,16 @@ class TestMakeDemo:
         alerts = [(e["run_id"], e["level"]) for e in events if e.get("logger") == "growthhub_sync.alerts"]
         assert alerts == [("demo_initial_load", "warning")]
 
+    def test_each_run_carries_its_counts_as_its_note(self, demo: DemoResult) -> None:
+        notes = demo.query(
+            "SELECT r.run_id, n.content FROM dag_run r JOIN dag_run_note n ON n.dag_run_id = r.id "
+            f"WHERE r.dag_id = '{SYNC_DAG_ID}' ORDER BY r.run_id"
+        )
+        assert [n["run_id"] for n in notes] == ["demo_hourly", "demo_initial_load"]
+        for note in notes:
+            assert note["content"].startswith("| location | extracted | unchanged |"), note
+            assert "/growthhub/quarantine?location=default" in note["content"]
+
     def test_output_says_how_to_open_the_ui_and_log_in(self, demo: DemoResult) -> None:
         password = json.loads((demo.home / "simple_auth_manager_passwords.json").read_text())["admin"]
         assert "make ui" in demo.output
