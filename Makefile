@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 # Re-install only when a dependency file changes; a second `make test` reuses the venv.
 STAMP := $(VENV)/.installed
 PG_URL ?= postgresql+psycopg2://postgres@127.0.0.1:5432/test
+# pytest-xdist workers: the end-to-end tests run in order on one of them (tests/conftest.py)
+TEST_WORKERS ?= 2
+PYTEST := $(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadgroup
 # The demo's Airflow UI, on loopback only; `make demo` writes it into the demo's home, `make ui` serves it.
 UI_PORT ?= 8080
 
@@ -26,11 +29,11 @@ redis:
 	scripts/ensure-redis
 
 test: venv postgres redis
-	GROWTHHUB_TEST_PG_URL=$(PG_URL) $(VENV)/bin/pytest
+	GROWTHHUB_TEST_PG_URL=$(PG_URL) $(PYTEST)
 
 # Everything but the tests marked slow: for the edit-test loop, not a substitute for `make test`.
 test-fast: venv postgres redis
-	GROWTHHUB_TEST_PG_URL=$(PG_URL) $(VENV)/bin/pytest -m "not slow"
+	GROWTHHUB_TEST_PG_URL=$(PG_URL) $(PYTEST) -m "not slow"
 
 # The embedded default: SQLite warehouse + SQLite Airflow metadata DB + the sandbox; no services needed.
 demo: venv

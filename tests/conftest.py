@@ -14,6 +14,15 @@ from growthhub_sandbox.testing import SandboxAdmin, SandboxProcess
 UNTHROTTLED = ["--burst", "1000000000", "--daily", "1000000000", "--log-level", "warning"]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Under pytest-xdist (``make test`` runs two workers) the end-to-end tests run one after the
+    other on one worker: each drives a whole Airflow stack, and two at once would fight over the
+    machine's cores. The other worker takes everything else."""
+    for item in items:
+        if "e2e" in item.path.parts:
+            item.add_marker(pytest.mark.xdist_group("e2e"))
+
+
 @pytest.fixture(scope="session")
 def sandbox_server() -> Iterator[SandboxProcess]:
     """A real sandbox (uvicorn in a subprocess) on a free loopback port."""
