@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 # Re-install only when a dependency file changes; a second `make test` reuses the venv.
 STAMP := $(VENV)/.installed
 PG_URL ?= postgresql+psycopg2://postgres@127.0.0.1:5432/test
-# pytest-xdist workers: the end-to-end tests run in order on one of them (tests/conftest.py)
+# pytest-xdist workers: the end-to-end tests run in order on one of them (tests/conftest.py);
+# tests marked `exclusive` measure throughput, so they run afterwards with the machine to themselves
 TEST_WORKERS ?= 2
 PYTEST := $(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadgroup
 # The demo's Airflow UI, on loopback only; `make demo` writes it into the demo's home, `make ui` serves it.
@@ -29,7 +30,8 @@ redis:
 	scripts/ensure-redis
 
 test: venv postgres redis
-	GROWTHHUB_TEST_PG_URL=$(PG_URL) $(PYTEST)
+	GROWTHHUB_TEST_PG_URL=$(PG_URL) $(PYTEST) -m "not exclusive"
+	GROWTHHUB_TEST_PG_URL=$(PG_URL) $(VENV)/bin/pytest -m exclusive
 
 # Everything but the tests marked slow: for the edit-test loop, not a substitute for `make test`.
 test-fast: venv postgres redis

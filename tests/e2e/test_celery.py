@@ -82,7 +82,8 @@ from growthhub_sync.outcomes import OUTCOMES
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
 from reliability_support import identity_duplicates
 
-pytestmark = [pytest.mark.integration, pytest.mark.slow]
+# it measures the workers' aggregate rate against the limit: it runs alone, after the other tests
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.exclusive]
 
 ROWS = int(os.environ.get("CELERY_E2E_ROWS", "20000"))
 CHANGED = int(os.environ.get("CELERY_E2E_CHANGED", "6000"))
