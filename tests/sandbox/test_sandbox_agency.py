@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -342,3 +343,29 @@ class TestAgencyAdmin:
             assert api.installed(agency, isInstalled="true").json()["count"] == 2
             token = api.minted_token(agency, agency.location_ids[2])
             assert api.upsert(token, agency.location_ids[2]).status_code == 200
+
+    def test_config_file_defines_companies_and_reset_restores_them(self, tmp_path):
+        config = tmp_path / "sandbox.json"
+        config.write_text(
+            json.dumps(
+                {
+                    "companies": {"cfg": {"appId": "cfg-app", "locationTokenExpiresIn": 60}},
+                    "locations": {"cfg-loc": {"companyId": "cfg"}},
+                    "tokens": [
+                        {
+                            "token": "cfg-agency",
+                            "userType": "Company",
+                            "companyId": "cfg",
+                            "clientId": "cfg-client",
+                            "scopes": ["oauth.write"],
+                        }
+                    ],
+                }
+            )
+        )
+        agency = Agency("cfg", "cfg-app", "cfg-agency", "cfg-client", "", None, ("cfg-loc",))
+        with SandboxProcess(args=["--config", str(config)]) as server:
+            SandboxAdmin(server.base_url).reset()
+            api = AgencyApi(server.base_url)
+            assert _ids(api.installed(agency)) == ["cfg-loc"]
+            assert api.mint(agency, "cfg-loc").json()["expires_in"] == 60
