@@ -15,7 +15,23 @@ from collections.abc import Iterator, Sequence
 from datetime import UTC, date, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Boolean, Column, DateTime, MetaData, Numeric, Table, Text, func, select, text, update
+from sqlalchemy import (
+    Boolean,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    Numeric,
+    Table,
+    Text,
+    bindparam,
+    case,
+    cast,
+    func,
+    select,
+    text,
+    update,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Engine
@@ -304,3 +320,20 @@ def modify_contacts(
     values = {"updated_at": at, **(values or {"city": "Springfield"})}
     with engine.begin() as conn:
         return conn.execute(update(tbl).where(tbl.c.id.in_(list(keys))).values(**values)).rowcount
+
+
+def spread_over_locations(
+    engine: Engine, location_ids: Sequence[str], *, schema: str | None = None, column: str = "location_id"
+) -> None:
+    """Add ``column`` to ``crm_contacts`` and give row ``C<n>`` the location ``location_ids[n % len]``.
+
+    What an agency's warehouse looks like: one table, a column naming each row's sub-account. Row
+    numbers are the generated keys' digits, so the split is the same for every seed.
+    """
+    tbl = Table("crm_contacts", MetaData(schema=schema), Column("id", Text), Column(column, Text))
+    name = f'"{schema}"."{tbl.name}"' if schema else f'"{tbl.name}"'
+    with engine.begin() as conn:
+        conn.execute(text(f'ALTER TABLE {name} ADD COLUMN "{column}" TEXT'))
+        number = cast(func.substr(tbl.c.id, 2), Integer) % len(location_ids)
+        whens = {i: bindparam(f"loc{i}", loc) for i, loc in enumerate(location_ids)}
+        conn.execute(update(tbl).values({column: case(whens, value=number)}))
