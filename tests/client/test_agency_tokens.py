@@ -288,6 +288,25 @@ class TestMintErrors:
         with pytest.raises(GrowthHubConfigError, match="422"):
             client.mint_location_token(" ")
 
+    def test_a_location_sharing_the_agency_token_file_is_refused(self, tmp_path: Path) -> None:
+        """Minting under the location's lock may refresh the agency's: one file would deadlock."""
+        url = "http://growthhub.test"
+        config = ClientConfig(base_url=url, name="agency_conn", token="agency-token")
+        agency = AgencyClient(
+            config,
+            "acme",
+            "acme-app",
+            coordination=LocalCoordination(url, "agency:acme", tmp_path / "t.json"),
+        )
+        with pytest.raises(GrowthHubConfigError, match="give the agency a file of its own"):
+            agency.location_client("loc1", coordination=LocalCoordination(url, "loc1", tmp_path / "t.json"))
+        assert (
+            agency.location_client(
+                "loc1", coordination=LocalCoordination(url, "loc1", tmp_path / "other.json")
+            ).location_id
+            == "loc1"
+        )
+
 
 def test_no_token_reaches_the_logs(
     sandbox: SandboxAdmin, tmp_path: Path, caplog: pytest.LogCaptureFixture

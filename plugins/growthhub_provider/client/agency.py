@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlencode
 
 import requests
 
 from growthhub_provider.client.client import GrowthHubClient
-from growthhub_provider.client.coordination import TokenState, fingerprint, renewal_time
+from growthhub_provider.client.coordination import LocalCoordination, TokenState, fingerprint, renewal_time
 from growthhub_provider.client.errors import (
     GrowthHubAuthError,
     GrowthHubBadResponse,
@@ -62,7 +63,9 @@ class AgencyClient(GrowthHubClient):
     ``Company`` grant here). Private Integration Tokens cannot mint location tokens and are refused.
     The ``coordination`` keeps the agency's token state: give every worker of every location of
     the agency the same one (keyed by the company), or two of them would spend the agency's refresh
-    token each and the second would find it spent.
+    token each and the second would find it spent. Locally it needs a token file of its own
+    (default ``~/.growthhub-agency-tokens.json``): a location's token is minted under the lock of
+    the location's file, and minting may refresh the agency's token under the agency's.
 
     :param company_id: the agency (company).
     :param app_id: the marketplace app whose installations are listed.
@@ -85,6 +88,9 @@ class AgencyClient(GrowthHubClient):
             )
         if config.oauth is not None:
             config = dataclasses.replace(config, oauth=dataclasses.replace(config.oauth, user_type="Company"))
+        coordination = coordination or LocalCoordination(
+            config.base_url, f"agency:{company_id}", Path.home() / ".growthhub-agency-tokens.json"
+        )
         super().__init__(config, coordination=coordination, logger=logger, on_secret=on_secret)
         self.company_id = company_id
         self.app_id = app_id
@@ -203,7 +209,7 @@ class AgencyClient(GrowthHubClient):
             raise GrowthHubBadResponse(response.status_code, problem)
         return response
 
-    def _raise_mint_error(self, response: requests.Response, location_id: str, where: str) -> None:
+    def _raise_mint_error(self, response: requests.Response, location_id: str, where: str) -> NoReturn:
         status = response.status_code
         said = self._scrub(short("; ".join(api_messages(response))))
         if status == 403 and "not installed" in said.lower():
@@ -237,8 +243,21 @@ class AgencyClient(GrowthHubClient):
         The client of one location of the agency: a :class:`GrowthHubClient` whose token is minted.
 
         :param coordination: the location's shared state (limiter, minted token); default: local.
+        :raises GrowthHubConfigError: it keeps tokens in the agency's token file (minting would
+            wait forever for the lock the location already holds).
         """
-        return _AgencyLocationClient(self, location_id, coordination=coordination)
+        client = _AgencyLocationClient(self, location_id, coordination=coordination)
+        ours, theirs = self.coordination, client.coordination
+        if (
+            isinstance(ours, LocalCoordination)
+            and isinstance(theirs, LocalCoordination)
+            and ours.token_file.resolve() == theirs.token_file.resolve()
+        ):
+            raise GrowthHubConfigError(
+                f"Location {location_id!r} of agency {self.config.name!r} keeps its tokens in the "
+                f"agency's token file {ours.token_file}: give the agency a file of its own"
+            )
+        return client
 
 
 class _AgencyLocationClient(GrowthHubClient):
@@ -271,6 +290,4 @@ class _AgencyLocationClient(GrowthHubClient):
     def _spend_refresh_token(self, refresh_token: str) -> TokenState:
         """Mint instead: a location of an agency has no refresh token of its own."""
         assert self.config.location_id is not None
-        state = self.agency.mint_location_token(self.config.location_id)
-        self._learn_secret(str(state.access_token))
-        return state
+        return self.agency.mint_location_token(self.config.location_id)

@@ -83,7 +83,8 @@ class GrowthHubHook(HttpHook):
     :param max_retry_seconds: give up retrying a row after this long.
     :param backoff_initial_s: first backoff; doubles per attempt, plus jitter.
     :param backoff_max_s: longest single backoff.
-    :param coordination: the shared state to use instead of the one the connection names.
+    :param coordination: the shared state to use instead of the one the connection names (on an
+        agency connection, the location's; the agency's token state stays the connection's).
     """
 
     conn_name_attr = "growthhub_conn_id"
