@@ -83,18 +83,28 @@ class Location:
         new = contact[field_name]
         if old == new:
             return
-        index = self.index[field_name]
-        if old:
-            ids = index.get(_identity(field_name, old), [])
-            if contact["id"] in ids:
-                ids.remove(contact["id"])
+        self._unindex(contact["id"], field_name, old)
         if new:
-            index.setdefault(_identity(field_name, new), []).append(contact["id"])
+            self.index[field_name].setdefault(_identity(field_name, new), []).append(contact["id"])
+
+    def _unindex(self, contact_id: str, field_name: str, value: str | None) -> None:
+        ids = self.index[field_name].get(_identity(field_name, value), []) if value else []
+        if contact_id in ids:
+            ids.remove(contact_id)
 
     def add(self, contact: dict[str, Any]) -> None:
         self.contacts[contact["id"]] = contact
         for name in ("email", "phone"):
             self._reindex(contact, name, None)
+
+    def remove(self, contact_id: str) -> bool:
+        """Forget a contact and free its email and phone for later matching; False if unknown."""
+        contact = self.contacts.pop(contact_id, None)
+        if contact is None:
+            return False
+        for name in ("email", "phone"):
+            self._unindex(contact_id, name, contact[name])
+        return True
 
 
 def _identity(field_name: str, value: str) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 from growthhub_sandbox.contacts import Location, blank_contact, merge, now_iso, render_contact
 from growthhub_sandbox.models import (
     CompanyConfig,
+    IgnoredFields,
     LocationConfig,
     RateLimitConfig,
     SandboxConfig,
@@ -277,17 +278,26 @@ class Store:
         h = f"{self._rng.getrandbits(128):032x}"
         return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
-    def plan_upsert(self, location: Location, payload: dict[str, Any], create_new: bool) -> UpsertPlan:
+    def plan_upsert(
+        self,
+        location: Location,
+        payload: dict[str, Any],
+        create_new: bool,
+        fault_ignored: IgnoredFields | None = None,
+    ) -> UpsertPlan:
         """Duplicate matching as the reference describes it.
 
         ``createNewIfDuplicateAllowed`` creates without looking only when the location allows
         duplicates (scenario 1); otherwise (scenarios 2, 3) the check fields are tried in the
         location's priority order and the first match is updated. If a later check field of the
         request matches a *different* contact, that field is left out of the update so the two
-        contacts do not end up sharing it.
+        contacts do not end up sharing it. ``fault_ignored`` (the ``ignore_fields`` fault) names
+        more fields to leave out, on a create or on an update.
         """
+        on_create = frozenset(fault_ignored.create) if fault_ignored else frozenset()
+        on_update = frozenset(fault_ignored.update) if fault_ignored else frozenset()
         if create_new and location.allow_duplicates:
-            return UpsertPlan(location, payload, None)
+            return UpsertPlan(location, payload, None, on_create)
         with self._lock:
             target = None
             for name in location.check_fields:
@@ -296,13 +306,13 @@ class Store:
                     target = ids[0]  # the oldest when the location allows duplicates
                     break
             if target is None:
-                return UpsertPlan(location, payload, None)
+                return UpsertPlan(location, payload, None, on_create)
             ignored = frozenset(
                 name
                 for name in location.check_fields
                 if (ids := location.find(name, payload.get(name))) and target not in ids
             )
-            return UpsertPlan(location, payload, target, ignored)
+            return UpsertPlan(location, payload, target, ignored | on_update)
 
     def apply_upsert(self, plan: UpsertPlan) -> tuple[dict[str, Any], bool]:
         """Write a plan; returns ``(rendered contact, new)``."""
@@ -327,11 +337,24 @@ class Store:
             return render_contact(contact), new
 
     def upsert(
-        self, location: Location, payload: dict[str, Any], create_new: bool
+        self,
+        location: Location,
+        payload: dict[str, Any],
+        create_new: bool,
+        fault_ignored: IgnoredFields | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """Match and write in one locked step, so concurrent same-identity upserts cannot both create."""
         with self._lock:
-            return self.apply_upsert(self.plan_upsert(location, payload, create_new))
+            return self.apply_upsert(self.plan_upsert(location, payload, create_new, fault_ignored))
+
+    def delete_contact(self, location_id: str, contact_id: str) -> bool:
+        """Delete a contact of the location; False when unknown there (another location's, or gone)."""
+        with self._lock:
+            location = self.locations.get(location_id)
+            if location is None or not location.remove(contact_id):
+                return False
+            self._unpersist("contact", contact_id)
+            return True
 
     def get_contact(self, location_id: str, contact_id: str) -> dict[str, Any] | None:
         location = self.locations.get(location_id)
