@@ -13,8 +13,9 @@ Checks on a public request, in this order (each one answers before the next runs
    latency, then with ``phase="before"`` a 5xx / timeout / dropped connection *instead of*
    the request.
 6. Body not JSON or not an object → 400; validation → 422 with one message per field.
-7. The upsert is applied; with ``phase="after"`` the fault now replaces the 200, so the client
-   sees an error although the contact was written (tests the client's idempotency).
+7. The upsert (or delete) is applied, leaving out the fields ``ignore_fields`` names; with
+   ``phase="after"`` the fault now replaces the 200, so the client sees an error although the
+   change was made (tests the client's idempotency).
 
 ``POST /oauth/token`` needs no Version header or token, like the real one, and gets no faults.
 Upserts answer 200 whether created or updated (``new`` tells which), as the reference documents.
@@ -26,6 +27,7 @@ so the hot path stays cheap (see ``bench/bench_sandbox.py``).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -38,6 +40,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from growthhub_sandbox.agency import add_agency_routes
 from growthhub_sandbox.models import (
+    DeleteContactResponse,
     ErrorBody,
     FaultConfig,
     GetContactResponse,
@@ -70,6 +73,8 @@ TOO_MANY = "Too many requests, please retry after the rate-limit window."
 UPSERT_PATH = "/contacts/upsert"
 UPSERT = f"POST {UPSERT_PATH}"
 GET_CONTACT = "GET /contacts/{contactId}"
+DELETE_CONTACT = "DELETE /contacts/{contactId}"
+TIMELINE_ENDPOINTS = (UPSERT, GET_CONTACT, DELETE_CONTACT)
 _NOT_JSON = object()
 
 _RATE_LIMIT_HEADERS = {
@@ -276,12 +281,14 @@ def create_app(settings: Settings | None = None) -> SandboxApp:
         if errors:
             return _error(422, errors, limit_headers)
         create_new = body.get("createNewIfDuplicateAllowed") is True
+        ignored = faults.config.ignore_fields
         if faults.config.race_window_ms:
-            plan = store.plan_upsert(location, payload, create_new)
+            plan = store.plan_upsert(location, payload, create_new, ignored)
             await asyncio.sleep(faults.config.race_window_ms / 1000)
             contact, new = store.apply_upsert(plan)
         else:
-            contact, new = store.upsert(location, payload, create_new)
+            contact, new = store.upsert(location, payload, create_new, ignored)
+        faults.count_ignored(payload, new)
         if fault is not None:
             return await inject(fault, limit_headers)
         return _json(200, {"new": new, "contact": contact, "traceId": store.new_trace_id()}, limit_headers)
@@ -359,6 +366,47 @@ def create_app(settings: Settings | None = None) -> SandboxApp:
             return _error(404, "Contact not found", headers)
         return _json(200, {"contact": contact}, headers)
 
+    @app.delete(
+        "/contacts/{contactId}",
+        **public(
+            "Delete Contact",
+            DeleteContactResponse,
+            400,
+            401,
+            403,
+            404,
+            429,
+            parameters=[
+                version_param,
+                {"name": "contactId", "in": "path", "required": True, "schema": {"type": "string"}},
+            ],
+        ),
+        tags=["Contacts"],
+    )
+    async def delete_contact(request: Request) -> Response:
+        """Delete a contact of the token's location; another location's id is 404 like an unknown one."""
+        auth = authorize(request.headers, WRITE_SCOPES)
+        if isinstance(auth, Reply):
+            return auth.response(request.scope)
+        token, limits = auth
+        reply = await remove_contact(token, limits, request.path_params["contactId"])
+        store.record_answer(token.location_id, DELETE_CONTACT, "dropped" if reply.drop else str(reply.status))
+        return reply.response(request.scope)
+
+    async def remove_contact(token: Token, limits: RateLimitConfig, contact_id: str) -> Reply:
+        admitted = await admit(token, limits)
+        if isinstance(admitted, Reply):
+            return admitted
+        fault, headers = admitted
+        if fault is not None and faults.config.phase == "before":
+            return await inject(fault, headers)
+        deleted = store.delete_contact(token.location_id, contact_id)
+        if fault is not None:
+            return await inject(fault, headers)
+        if not deleted:
+            return _error(404, "Contact not found", headers)
+        return _json(200, {"succeded": True}, headers)
+
     @app.post(
         "/oauth/token",
         summary="Refresh an access token",
@@ -435,6 +483,13 @@ def create_app(settings: Settings | None = None) -> SandboxApp:
 
     add_agency_routes(app, store, versions, version_error, version_param)
 
+    @app.post("/_sandbox/day", include_in_schema=False)
+    async def new_day() -> dict[str, Any]:
+        """Start the next day now: every location's daily quota is full again, as after UTC midnight."""
+        offset = limiter.new_day()
+        today = dt.datetime.now(dt.UTC).date() + dt.timedelta(days=offset)
+        return {"dayOffset": offset, "day": today.isoformat()}
+
     @app.put("/_sandbox/faults", include_in_schema=False)
     async def put_faults(config: FaultConfig) -> dict[str, Any]:
         faults.configure(config)
@@ -460,8 +515,8 @@ def create_app(settings: Settings | None = None) -> SandboxApp:
         """Answers to the location's authenticated requests per time bucket, by status."""
         if bucket_ms < TICK_MS or bucket_ms % TICK_MS:
             return _error(400, f"bucketMs must be a positive multiple of {TICK_MS}").response()
-        if endpoint is not None and endpoint not in (UPSERT, GET_CONTACT):
-            return _error(400, f"endpoint must be {UPSERT!r} or {GET_CONTACT!r}").response()
+        if endpoint is not None and endpoint not in TIMELINE_ENDPOINTS:
+            return _error(400, f"endpoint must be one of {', '.join(TIMELINE_ENDPOINTS)}").response()
         buckets = store.timeline(location_id, bucket_ms // TICK_MS, endpoint)
         return _json(200, {"locationId": location_id, "bucketMs": bucket_ms, "buckets": buckets}).response()
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_API_VERSIONS = ("2023-02-21",)
 DEMO_LOCATION_ID = "demo-location"
@@ -113,6 +113,10 @@ class UpsertContactRequest(_Strict):
     createNewIfDuplicateAllowed: bool = False
 
 
+WRITABLE_FIELDS = frozenset(UpsertContactRequest.model_fields) - {"locationId", "createNewIfDuplicateAllowed"}
+"""Body fields of an upsert that end up on the contact."""
+
+
 class CustomFieldValue(BaseModel):
     id: str
     value: Any
@@ -162,6 +166,10 @@ class UpsertContactResponse(BaseModel):
 
 class GetContactResponse(BaseModel):
     contact: Contact
+
+
+class DeleteContactResponse(BaseModel):
+    succeded: bool = Field(description="GrowthHub's spelling.")
 
 
 class ErrorBody(BaseModel):
@@ -294,6 +302,22 @@ class TokenConfig(_Strict):
         return self
 
 
+class IgnoredFields(_Strict):
+    """Upsert body fields the server accepts but does not write: GrowthHub's "200 yet unchanged"."""
+
+    create: list[str] = Field(default_factory=list, description="Left out when the upsert creates.")
+    update: list[str] = Field(default_factory=list, description="Left out when the upsert updates.")
+
+    @field_validator("create", "update")
+    @classmethod
+    def _known_fields(cls, names: list[str]) -> list[str]:
+        # a misspelt name would ignore nothing and let a read-back test pass for the wrong reason
+        unknown = sorted(set(names) - WRITABLE_FIELDS)
+        if unknown:
+            raise ValueError(f"not upsert body fields: {', '.join(unknown)}")
+        return names
+
+
 class FaultConfig(_Strict):
     """Fault knobs for ``/contacts/*`` requests that passed auth and rate limiting.
 
@@ -315,6 +339,9 @@ class FaultConfig(_Strict):
     storm_length: int = Field(0, ge=0)
     race_window_ms: float = Field(
         0.0, ge=0, description="Delay between duplicate lookup and insert, outside the lock (shows races)."
+    )
+    ignore_fields: IgnoredFields = Field(
+        default_factory=IgnoredFields, description="Fields an upsert answers 200 for but does not write."
     )
 
 

@@ -8,7 +8,6 @@ shows what happens without that atomicity.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import random
 import sqlite3
@@ -19,8 +18,10 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from growthhub_sandbox.contacts import Location, blank_contact, merge, now_iso, render_contact
 from growthhub_sandbox.models import (
     CompanyConfig,
+    IgnoredFields,
     LocationConfig,
     RateLimitConfig,
     SandboxConfig,
@@ -32,95 +33,6 @@ ACCESS_TOKEN_LIFETIME = 86_399  # seconds, like the real API ("about a day")
 TICK_MS = 100
 """Resolution of the per-location answer timeline (``Store.record_answer``)."""
 _ID_ALPHABET = string.ascii_letters + string.digits
-_CONTACT_FIELDS = (
-    "name",
-    "firstName",
-    "lastName",
-    "firstNameLowerCase",
-    "lastNameLowerCase",
-    "fullNameLowerCase",
-    "email",
-    "emailLowerCase",
-    "phone",
-    "gender",
-    "address1",
-    "city",
-    "state",
-    "postalCode",
-    "country",
-    "website",
-    "timezone",
-    "companyName",
-    "source",
-    "assignedTo",
-    "dateOfBirth",
-)
-
-
-def _now_iso() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-@dataclass(frozen=True)
-class CustomField:
-    id: str
-    key: str
-    data_type: str
-    options: tuple[str, ...] | None
-
-
-class Location:
-    """One sub-account: its settings, contacts and the email/phone indexes used for matching."""
-
-    def __init__(self, location_id: str, config: LocationConfig) -> None:
-        self.id = location_id
-        self.contacts: dict[str, dict[str, Any]] = {}
-        # identity value -> contact ids in creation order (several when duplicates are allowed)
-        self.index: dict[str, dict[str, list[str]]] = {"email": {}, "phone": {}}
-        self.configure(config)
-
-    def configure(self, config: LocationConfig) -> None:
-        self.allow_duplicates = config.allowDuplicateContact
-        self.check_fields = tuple(dict.fromkeys(config.duplicateCheckFields))
-        self.custom_fields = {
-            f.id: CustomField(f.id, f.key, f.dataType, tuple(f.options) if f.options is not None else None)
-            for f in config.customFields
-        }
-        self.custom_fields_by_key = {f.key: f for f in self.custom_fields.values()}
-        self.users = frozenset(config.users)
-        self.rate_limit = config.rateLimit
-        self.country = config.country.upper()
-        self.company_id = config.companyId
-        self.is_installed = config.isInstalled
-        self.name = config.name or self.id
-        self.address = config.address
-
-    def find(self, field_name: str, value: str | None) -> list[str]:
-        if not value:
-            return []
-        return self.index[field_name].get(_identity(field_name, value), [])
-
-    def _reindex(self, contact: dict[str, Any], field_name: str, old: str | None) -> None:
-        new = contact[field_name]
-        if old == new:
-            return
-        index = self.index[field_name]
-        if old:
-            ids = index.get(_identity(field_name, old), [])
-            if contact["id"] in ids:
-                ids.remove(contact["id"])
-        if new:
-            index.setdefault(_identity(field_name, new), []).append(contact["id"])
-
-    def add(self, contact: dict[str, Any]) -> None:
-        self.contacts[contact["id"]] = contact
-        for name in ("email", "phone"):
-            self._reindex(contact, name, None)
-
-
-def _identity(field_name: str, value: str) -> str:
-    # phones are stored normalised (E.164) already; emails match case-insensitively
-    return value.lower() if field_name == "email" else value
 
 
 @dataclass
@@ -366,17 +278,26 @@ class Store:
         h = f"{self._rng.getrandbits(128):032x}"
         return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
-    def plan_upsert(self, location: Location, payload: dict[str, Any], create_new: bool) -> UpsertPlan:
+    def plan_upsert(
+        self,
+        location: Location,
+        payload: dict[str, Any],
+        create_new: bool,
+        fault_ignored: IgnoredFields | None = None,
+    ) -> UpsertPlan:
         """Duplicate matching as the reference describes it.
 
         ``createNewIfDuplicateAllowed`` creates without looking only when the location allows
         duplicates (scenario 1); otherwise (scenarios 2, 3) the check fields are tried in the
         location's priority order and the first match is updated. If a later check field of the
         request matches a *different* contact, that field is left out of the update so the two
-        contacts do not end up sharing it.
+        contacts do not end up sharing it. ``fault_ignored`` (the ``ignore_fields`` fault) names
+        more fields to leave out, on a create or on an update.
         """
+        on_create = frozenset(fault_ignored.create) if fault_ignored else frozenset()
+        on_update = frozenset(fault_ignored.update) if fault_ignored else frozenset()
         if create_new and location.allow_duplicates:
-            return UpsertPlan(location, payload, None)
+            return UpsertPlan(location, payload, None, on_create)
         with self._lock:
             target = None
             for name in location.check_fields:
@@ -385,25 +306,25 @@ class Store:
                     target = ids[0]  # the oldest when the location allows duplicates
                     break
             if target is None:
-                return UpsertPlan(location, payload, None)
+                return UpsertPlan(location, payload, None, on_create)
             ignored = frozenset(
                 name
                 for name in location.check_fields
                 if (ids := location.find(name, payload.get(name))) and target not in ids
             )
-            return UpsertPlan(location, payload, target, ignored)
+            return UpsertPlan(location, payload, target, ignored | on_update)
 
     def apply_upsert(self, plan: UpsertPlan) -> tuple[dict[str, Any], bool]:
         """Write a plan; returns ``(rendered contact, new)``."""
         location = plan.location
         with self._lock:
-            now = _now_iso()
+            now = now_iso()
             contact = location.contacts.get(plan.contact_id) if plan.contact_id else None
             new = contact is None
             if contact is None:
-                contact = _blank_contact(self._new_id(), location.id, now)
+                contact = blank_contact(self._new_id(), location.id, now)
             old = {"email": contact["email"], "phone": contact["phone"]}
-            _merge(contact, plan.payload, plan.ignored)
+            merge(contact, plan.payload, plan.ignored)
             contact["dateUpdated"] = now
             if new:
                 location.add(contact)
@@ -416,11 +337,24 @@ class Store:
             return render_contact(contact), new
 
     def upsert(
-        self, location: Location, payload: dict[str, Any], create_new: bool
+        self,
+        location: Location,
+        payload: dict[str, Any],
+        create_new: bool,
+        fault_ignored: IgnoredFields | None = None,
     ) -> tuple[dict[str, Any], bool]:
         """Match and write in one locked step, so concurrent same-identity upserts cannot both create."""
         with self._lock:
-            return self.apply_upsert(self.plan_upsert(location, payload, create_new))
+            return self.apply_upsert(self.plan_upsert(location, payload, create_new, fault_ignored))
+
+    def delete_contact(self, location_id: str, contact_id: str) -> bool:
+        """Delete a contact of the location; False when unknown there (another location's, or gone)."""
+        with self._lock:
+            location = self.locations.get(location_id)
+            if location is None or not location.remove(contact_id):
+                return False
+            self._unpersist("contact", contact_id)
+            return True
 
     def get_contact(self, location_id: str, contact_id: str) -> dict[str, Any] | None:
         location = self.locations.get(location_id)
@@ -541,53 +475,3 @@ def _open_db(path: str) -> sqlite3.Connection:
 
 def _oauth_error(error: str, description: str) -> dict[str, str]:
     return {"error": error, "error_description": description}
-
-
-def _blank_contact(contact_id: str, location_id: str, now: str) -> dict[str, Any]:
-    contact: dict[str, Any] = {"id": contact_id, "locationId": location_id}
-    contact.update(dict.fromkeys(_CONTACT_FIELDS))
-    contact.update(
-        dnd=False,
-        dndSettings={},
-        inboundDndSettings={},
-        type="lead",
-        tags=[],
-        customFields={},
-        dateAdded=now,
-        dateUpdated=now,
-    )
-    return contact
-
-
-def _merge(contact: dict[str, Any], payload: dict[str, Any], ignored: frozenset[str]) -> None:
-    """Fields not sent stay; tags overwrite; customFields and dndSettings merge per entry."""
-    for key, value in payload.items():
-        if key in ignored:
-            continue
-        if key == "customFields":
-            for field_id, field_value in value.items():
-                if field_value is None:
-                    contact["customFields"].pop(field_id, None)
-                else:
-                    contact["customFields"][field_id] = field_value
-        elif key in ("dndSettings", "inboundDndSettings"):
-            contact[key] = {**contact[key], **value}
-        else:
-            contact[key] = value
-    if "name" not in payload and ("firstName" in payload or "lastName" in payload):
-        contact["name"] = " ".join(p for p in (contact["firstName"], contact["lastName"]) if p) or None
-    for source, target in (
-        ("firstName", "firstNameLowerCase"),
-        ("lastName", "lastNameLowerCase"),
-        ("name", "fullNameLowerCase"),
-        ("email", "emailLowerCase"),
-    ):
-        contact[target] = contact[source].lower() if contact[source] else None
-
-
-def render_contact(contact: dict[str, Any]) -> dict[str, Any]:
-    """The API shape of a stored contact: custom fields as ``[{"id", "value"}]``."""
-    out = dict(contact)
-    out["customFields"] = [{"id": k, "value": v} for k, v in contact["customFields"].items()]
-    out["tags"] = list(contact["tags"])
-    return out

@@ -235,8 +235,13 @@ class SandboxAdmin:
         return agency
 
     def set_faults(self, **faults: Any) -> dict[str, Any]:
-        """Replace all fault knobs (unset ones are off); see ``models.FaultConfig``."""
+        """Replace all fault knobs (unset ones are off); see ``models.FaultConfig``, e.g.
+        ``ignore_fields={"update": ["gender"], "create": []}``."""
         return self._call("PUT", "/faults", faults)
+
+    def new_day(self) -> dict[str, Any]:
+        """Start the next day now, resetting every daily quota; ``{"dayOffset", "day"}``."""
+        return self._call("POST", "/day")
 
     def contacts(self, location_id: str) -> list[dict[str, Any]]:
         return self._call("GET", f"/locations/{location_id}/contacts")["contacts"]

@@ -6,6 +6,7 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from growthhub_sandbox.models import FaultConfig, RateLimitConfig
@@ -16,20 +17,30 @@ class RateLimiter:
 
     Buckets are keyed by ``Token.rate_key``: (location, app), as the real API limits per app
     (OAuth client) and location; a static token without a client counts as an app of its own.
+    The day is the UTC day plus ``day_offset``, which ``new_day`` advances so a test can live
+    through several days' quotas in seconds.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        # key -> [window start (monotonic), count in window, UTC day number, count in day]
+        # key -> [window start (monotonic), count in window, day number, count in day]
         self._buckets: dict[tuple[str, str], list[float]] = {}
+        self.day_offset = 0
 
     def reset(self) -> None:
         with self._lock:
             self._buckets.clear()
+            self.day_offset = 0
+
+    def new_day(self) -> int:
+        """Start the next day now, as UTC midnight does: every daily count restarts at zero."""
+        with self._lock:
+            self.day_offset += 1
+            return self.day_offset
 
     def _bucket(self, key: tuple[str, str], limits: RateLimitConfig) -> list[float]:
         now = time.monotonic()
-        day = time.time() // 86_400
+        day = time.time() // 86_400 + self.day_offset
         bucket = self._buckets.get(key)
         if bucket is None:
             bucket = self._buckets[key] = [now, 0, day, 0]
@@ -97,6 +108,13 @@ class FaultInjector:
                 or config.latency_ms
                 or (config.storm_every_n and config.storm_length)
             )
+
+    def count_ignored(self, sent: Collection[str], created: bool) -> None:
+        """Count an upsert that the ``ignore_fields`` fault kept some sent fields out of."""
+        ignored = self.config.ignore_fields.create if created else self.config.ignore_fields.update
+        if any(name in sent for name in ignored):
+            with self._lock:
+                self.counts["ignore_fields"] += 1
 
     def decide(self) -> Fault | None:
         """One draw per request (even when no fault fires) keeps the sequence reproducible."""

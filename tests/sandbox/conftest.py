@@ -68,6 +68,12 @@ class Api:
             f"{self.base_url}/contacts/{contact_id}", headers=self.headers(token), **kwargs
         )
 
+    def delete(self, contact_id: str, *, token: str | None = TOKEN, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", 10)
+        return self.session.delete(
+            f"{self.base_url}/contacts/{contact_id}", headers=self.headers(token), **kwargs
+        )
+
     def oauth(self, **form: str) -> requests.Response:
         return self.session.post(f"{self.base_url}/oauth/token", data=form, timeout=10)
 
