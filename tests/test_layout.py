@@ -28,6 +28,7 @@ LAYERS = {
     "fields": 1,
     "config": 2,
     "migrations": 2,
+    "keyed": 2,
     "testing": 3,
     "state": 3,
     "warehouse": 3,

@@ -34,6 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from growthhub_sync.keyed import rows_by_key
 from growthhub_sync.migrations import upgrade_quarantine
 from growthhub_sync.outcomes import RUN_COUNTS
 from growthhub_sync.reasons import having_any, split_codes
@@ -342,14 +343,8 @@ class StateStore:
     def synced_in_run(self, keys: Iterable[str]) -> set[str]:
         """Those of ``keys`` the ledger recorded in this store's run."""
         led = self.tables.ledger
-        return set(
-            self._select_parts(
-                keys,
-                lambda part: select(led.c.source_key).where(
-                    self._of(led), led.c.source_key.in_(part), led.c.last_run_id == self.run_id
-                ),
-            )
-        )
+        ran = led.c.last_run_id == self.run_id
+        return set(self._select_parts(keys, lambda part: self._by_key(led.c.source_key, part, [], ran)))
 
     # -- quarantine -------------------------------------------------------------------------------
     def quarantine(self, rows: Sequence[QuarantineRow]) -> None:
@@ -477,11 +472,7 @@ class StateStore:
         p = self.tables.pending
         out: dict[str, tuple[str, str | None]] = {}
         for part in _chunks(sorted(set(keys))):
-            rows = self.conn.execute(
-                select(p.c.source_key, p.c.reason, p.c.last_run_id).where(
-                    self._of(p), p.c.source_key.in_(list(part))
-                )
-            )
+            rows = self.conn.execute(self._by_key(p.c.source_key, part, [p.c.reason, p.c.last_run_id]))
             out.update((k, (reason, run_id)) for k, reason, run_id in rows)
         return out
 
@@ -494,12 +485,8 @@ class StateStore:
         ids = self.tables.identities
         owners: dict[str, str | None] = dict.fromkeys(names)
         for part in _chunks(names):
-            query = (
-                select(ids.c.identity, ids.c.source_key)
-                .where(self._of(ids), ids.c.identity.in_(list(part)))
-                .order_by(ids.c.identity)
-            )
-            owners.update((n, k) for n, k in self.conn.execute(query.with_for_update() if lock else query))
+            query = self._by_key(ids.c.identity, part, [ids.c.source_key], lock=lock)
+            owners.update((n, k) for n, k in self.conn.execute(query))
         return owners
 
     def claim_free_identities(self, wanted: Mapping[str, str]) -> tuple[dict[str, str | None], set[str]]:
@@ -576,6 +563,18 @@ class StateStore:
     # -- helpers ----------------------------------------------------------------------------------
     def _of(self, table: Table) -> ColumnElement[bool]:
         return table.c.location == self.location
+
+    def _by_key(
+        self,
+        key: Column[str],
+        keys: Sequence[str],
+        columns: Sequence[Column[Any]],
+        *where: Any,
+        lock: bool = False,
+    ) -> Select[Any]:
+        """``key`` and ``columns`` of this location's rows of ``keys`` by primary key (:mod:`.keyed`)."""
+        of = self._of(key.table)  # type: ignore[arg-type]
+        return rows_by_key(self.conn.dialect.name, key, keys, [key, *columns], [of, *where], lock=lock)
 
     def _identity_row(self, identity: str, key: str) -> dict[str, Any]:
         return {
