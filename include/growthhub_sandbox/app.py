@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl
 
@@ -37,6 +36,7 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from growthhub_sandbox.agency import add_agency_routes
 from growthhub_sandbox.models import (
     ErrorBody,
     FaultConfig,
@@ -50,6 +50,10 @@ from growthhub_sandbox.models import (
     UpsertContactResponse,
     ValidationErrorBody,
 )
+from growthhub_sandbox.replies import DROP_FLAG as _DROP
+from growthhub_sandbox.replies import REASONS, UNAUTHORIZED, Reply
+from growthhub_sandbox.replies import error_reply as _error
+from growthhub_sandbox.replies import json_reply as _json
 from growthhub_sandbox.store import TICK_MS, Store
 from growthhub_sandbox.traffic import Fault, FaultInjector, RateLimiter, storm_headers
 from growthhub_sandbox.validation import validate_upsert
@@ -62,30 +66,11 @@ if TYPE_CHECKING:
 
 WRITE_SCOPES = frozenset({"contacts.write"})
 READ_SCOPES = frozenset({"contacts.readonly", "contacts.write"})
-UNAUTHORIZED = {
-    "statusCode": 401,
-    "message": "Invalid token: access token is invalid",
-    "error": "Unauthorized",
-}
 TOO_MANY = "Too many requests, please retry after the rate-limit window."
-REASONS = {
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    422: "Unprocessable Entity",
-    429: "Too Many Requests",
-    500: "Internal Server Error",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-}
 UPSERT_PATH = "/contacts/upsert"
 UPSERT = f"POST {UPSERT_PATH}"
 GET_CONTACT = "GET /contacts/{contactId}"
-_DROP = "growthhub_sandbox.drop"
 _NOT_JSON = object()
-_JSON = "application/json"
 
 _RATE_LIMIT_HEADERS = {
     name: {"schema": {"type": "integer"}, "description": description}
@@ -123,36 +108,6 @@ def _version_parameter(versions: tuple[str, ...]) -> dict[str, Any]:
         "description": "API version",
         "schema": {"type": "string", "enum": list(versions)},
     }
-
-
-@dataclass(frozen=True)
-class Reply:
-    """A handler's answer, independent of the framework; ``drop`` closes the connection instead."""
-
-    status: int
-    body: bytes = b""
-    headers: dict[str, str] | None = None
-    drop: bool = False
-
-    def response(self, scope: Scope | None = None) -> Response:
-        """As a FastAPI response; a drop needs the request's ``scope`` to tell ``SandboxApp``."""
-        if self.drop and scope is not None:
-            scope[_DROP] = True
-        return Response(self.body, status_code=self.status, headers=self.headers, media_type=_JSON)
-
-    async def send(self, send: Send) -> None:
-        headers = [(b"content-type", _JSON.encode()), (b"content-length", str(len(self.body)).encode())]
-        headers.extend((k.lower().encode(), v.encode()) for k, v in (self.headers or {}).items())
-        await send({"type": "http.response.start", "status": self.status, "headers": headers})
-        await send({"type": "http.response.body", "body": self.body})
-
-
-def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Reply:
-    return Reply(status, json.dumps(body, separators=(",", ":")).encode(), headers)
-
-
-def _error(status: int, message: Any, headers: dict[str, str] | None = None) -> Reply:
-    return _json(status, {"statusCode": status, "message": message, "error": REASONS[status]}, headers)
 
 
 async def _read_body(receive: Receive) -> bytes:
@@ -262,7 +217,7 @@ def create_app(settings: Settings | None = None) -> SandboxApp:
         if token is None:
             return _json(401, UNAUTHORIZED)
         limits = store.rate_limit_of(token.location_id) or settings.rate_limit
-        if not scopes & token.scopes:
+        if token.location_id is None or not scopes & token.scopes:  # an agency token has no contacts
             peeked = limiter.peek(token.rate_key, limits)
             return _error(403, "The token is not authorized for this scope.", peeked)
         return token, limits
@@ -430,7 +385,7 @@ def create_app(settings: Settings | None = None) -> SandboxApp:
                                 "client_id": {"type": "string"},
                                 "client_secret": {"type": "string"},
                                 "refresh_token": {"type": "string"},
-                                "user_type": {"type": "string", "enum": ["Location"]},
+                                "user_type": {"type": "string", "enum": ["Location", "Company"]},
                             },
                         }
                     }
@@ -470,10 +425,15 @@ def create_app(settings: Settings | None = None) -> SandboxApp:
     async def add_token(config: TokenConfig) -> Response:
         try:
             token = store.add_token(config)
-        except KeyError:
-            message = f"Unknown location {config.locationId}; PUT /_sandbox/locations/... first"
+        except KeyError as unknown:
+            kind, path = (
+                ("location", "locations") if config.userType == "Location" else ("company", "companies")
+            )
+            message = f"Unknown {kind} {unknown.args[0]}; PUT /_sandbox/{path}/... first"
             return _error(404, message).response()
         return _json(201, {**config.model_dump(), "expiresAt": token.expires_at}).response()
+
+    add_agency_routes(app, store, versions, version_error, version_param)
 
     @app.put("/_sandbox/faults", include_in_schema=False)
     async def put_faults(config: FaultConfig) -> dict[str, Any]:

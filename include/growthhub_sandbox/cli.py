@@ -24,8 +24,10 @@ Without --config the server has one location, "demo-location", and the fake toke
 "sandbox-demo-token" (scopes contacts.write, contacts.readonly). The config file (YAML or
 JSON) has the shapes of the admin API:
 
-  locations: {LOCATION_ID: {allowDuplicateContact, duplicateCheckFields, customFields, users, rateLimit}}
-  tokens: [{token, locationId, scopes, expiresIn, refreshToken, clientId, clientSecret}]
+  companies: {COMPANY_ID: {appId, locationTokenExpiresIn, locationScopes}}
+  locations: {LOCATION_ID: {allowDuplicateContact, duplicateCheckFields, customFields, users, rateLimit,
+              companyId, isInstalled, name, address}}
+  tokens: [{token, userType, locationId, companyId, scopes, expiresIn, refreshToken, clientId, clientSecret}]
   faults: {seed, error_rate, timeout_rate, hang_seconds, drop_rate, phase, latency_ms, ...}
 
 POST /_sandbox/reset restores it. With --state FILE the state survives restarts (SQLite); a

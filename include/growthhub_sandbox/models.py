@@ -11,11 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_API_VERSIONS = ("2023-02-21",)
 DEMO_LOCATION_ID = "demo-location"
 
+UserType = Literal["Location", "Company"]
 DndStatus = Literal["active", "inactive", "permanent"]
 CustomFieldType = Literal[
     "TEXT",
@@ -183,8 +184,31 @@ class OAuthTokenResponse(BaseModel):
     expires_in: int
     refresh_token: str
     scope: str
-    userType: Literal["Location"]
+    userType: UserType
+    locationId: str | None = Field(None, description="Location tokens only.")
+    companyId: str | None = Field(None, description="Company (agency) tokens only.")
+
+
+class InstalledLocation(BaseModel):
+    id: str = Field(alias="_id")
+    name: str
+    address: str
+    isInstalled: bool
+
+
+class InstalledLocationsResponse(BaseModel):
+    locations: list[InstalledLocation]
+    count: int = Field(description="All matching locations, not just this page.")
+
+
+class LocationTokenResponse(BaseModel):
+    access_token: str
+    token_type: Literal["Bearer"]
+    expires_in: int
+    scope: str
     locationId: str
+    userType: Literal["Location"]
+    companyId: str
 
 
 class OAuthErrorBody(BaseModel):
@@ -217,16 +241,57 @@ class LocationConfig(_Strict):
     users: list[str] = Field(default_factory=list)
     rateLimit: RateLimitConfig | None = Field(None, description="Defaults to the server's --burst etc.")
     country: str = Field("US", description="Default region for phone numbers without a + prefix.")
+    companyId: str | None = Field(None, description="The agency owning it (``/oauth/installedLocations``).")
+    isInstalled: bool = Field(True, description="Whether the company's app is installed here.")
+    name: str | None = Field(None, description="Shown by /oauth/installedLocations; defaults to the id.")
+    address: str = ""
+
+
+class CompanyConfig(_Strict):
+    """An agency with its one marketplace app; location tokens it mints live ``locationTokenExpiresIn``."""
+
+    appId: str
+    locationTokenExpiresIn: float = Field(86_399, gt=0, description="Lifetime of minted location tokens.")
+    locationScopes: list[str] = Field(
+        default_factory=lambda: ["contacts.write", "contacts.readonly"],
+        description="Scopes of the location tokens the agency mints.",
+    )
+
+
+class BulkLocationsConfig(_Strict):
+    """Many locations of one company at once, for tests and benchmarks with hundreds of locations."""
+
+    count: int = Field(ge=1, le=10_000)
+    idPrefix: str = Field("", description="Ids are prefix + zero-padded index; default: '<companyId>-loc-'.")
+    uninstalled: list[int] = Field(
+        default_factory=list, description="Indexes created with isInstalled false."
+    )
+    location: LocationConfig = Field(
+        default_factory=LocationConfig,
+        description="Settings of every location (rateLimit, customFields ...); companyId is set for you.",
+    )
 
 
 class TokenConfig(_Strict):
+    """A Location token (``locationId``) or a Company (agency) token (``companyId``)."""
+
     token: str
-    locationId: str
+    userType: UserType = "Location"
+    locationId: str | None = None
+    companyId: str | None = None
     scopes: list[str] = Field(default_factory=lambda: ["contacts.write", "contacts.readonly"])
     expiresIn: float | None = Field(None, description="Seconds from now; null = never expires.")
     refreshToken: str | None = None
     clientId: str | None = None
     clientSecret: str | None = None
+
+    @model_validator(mode="after")
+    def _owner_matches_user_type(self) -> TokenConfig:
+        if self.userType == "Location" and not self.locationId:
+            raise ValueError("a Location token needs locationId")
+        if self.userType == "Company" and (not self.companyId or self.locationId):
+            raise ValueError("a Company token needs companyId and no locationId")
+        return self
 
 
 class FaultConfig(_Strict):
@@ -256,6 +321,7 @@ class FaultConfig(_Strict):
 class SandboxConfig(_Strict):
     """Shape of the ``--config`` file: what ``POST /_sandbox/reset`` restores."""
 
+    companies: dict[str, CompanyConfig] = Field(default_factory=dict)
     locations: dict[str, LocationConfig] = Field(default_factory=dict)
     tokens: list[TokenConfig] = Field(default_factory=list)
     faults: FaultConfig = Field(default_factory=FaultConfig)

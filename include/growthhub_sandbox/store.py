@@ -19,7 +19,14 @@ from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-from growthhub_sandbox.models import LocationConfig, RateLimitConfig, SandboxConfig, TokenConfig
+from growthhub_sandbox.models import (
+    CompanyConfig,
+    LocationConfig,
+    RateLimitConfig,
+    SandboxConfig,
+    TokenConfig,
+    UserType,
+)
 
 ACCESS_TOKEN_LIFETIME = 86_399  # seconds, like the real API ("about a day")
 TICK_MS = 100
@@ -83,6 +90,10 @@ class Location:
         self.users = frozenset(config.users)
         self.rate_limit = config.rateLimit
         self.country = config.country.upper()
+        self.company_id = config.companyId
+        self.is_installed = config.isInstalled
+        self.name = config.name or self.id
+        self.address = config.address
 
     def find(self, field_name: str, value: str | None) -> list[str]:
         if not value:
@@ -115,10 +126,15 @@ def _identity(field_name: str, value: str) -> str:
 @dataclass
 class Token:
     token: str
-    location_id: str
+    location_id: str | None  # None: a Company (agency) token
     scopes: frozenset[str]
     expires_at: float | None  # wall-clock epoch seconds
     client_id: str | None = None  # the OAuth app (client) it was issued to; None: a static token
+    company_id: str | None = None  # a Company token's agency
+
+    @property
+    def user_type(self) -> UserType:
+        return "Location" if self.location_id is not None else "Company"
 
     @property
     def rate_key(self) -> tuple[str, str]:
@@ -128,7 +144,7 @@ class Token:
         refresh issues a new one) shares one window; a static Private Integration token has its own.
         """
         app = f"app:{self.client_id}" if self.client_id else f"token:{self.token}"
-        return self.location_id, app
+        return self.location_id or f"company:{self.company_id}", app
 
     def as_record(self) -> dict[str, Any]:
         return {
@@ -137,6 +153,7 @@ class Token:
             "scopes": sorted(self.scopes),
             "expiresAt": self.expires_at,
             "clientId": self.client_id,
+            "companyId": self.company_id,
         }
 
 
@@ -145,11 +162,12 @@ class RefreshGrant:
     """An unspent refresh token; using it spends it and issues a new access + refresh token."""
 
     refresh_token: str
-    location_id: str
+    location_id: str | None  # None: the grant of a Company token
     scopes: tuple[str, ...]
     client_id: str | None
     client_secret: str | None
     access_lifetime: float
+    company_id: str | None = None
 
     def as_record(self) -> dict[str, Any]:
         return {
@@ -159,6 +177,7 @@ class RefreshGrant:
             "clientId": self.client_id,
             "clientSecret": self.client_secret,
             "accessLifetime": self.access_lifetime,
+            "companyId": self.company_id,
         }
 
 
@@ -180,6 +199,7 @@ class Store:
         self._seed = seed
         self._lock = threading.RLock()
         self._db = _open_db(state_path) if state_path else None
+        self.companies: dict[str, CompanyConfig] = {}
         self.locations: dict[str, Location] = {}
         self.tokens: dict[str, Token] = {}
         self.refresh_grants: dict[str, RefreshGrant] = {}
@@ -198,6 +218,7 @@ class Store:
 
     def reset(self) -> None:
         with self._lock:
+            self.companies.clear()
             self.locations.clear()
             self.tokens.clear()
             self.refresh_grants.clear()
@@ -207,6 +228,8 @@ class Store:
             self._rng = random.Random(self._seed)
             if self._db is not None:
                 self._db.execute("DELETE FROM state")
+            for company_id, company in self._config.companies.items():
+                self.put_company(company_id, company)
             for location_id, location in self._config.locations.items():
                 self.put_location(location_id, location)
             for token in self._config.tokens:
@@ -225,13 +248,38 @@ class Store:
                 self.locations[location_id] = Location(location_id, config)
             self._persist("location", location_id, config.model_dump())
 
-    def add_token(self, config: TokenConfig) -> Token:
+    def put_company(self, company_id: str, config: CompanyConfig) -> None:
+        """Create or reconfigure an agency; its locations and tokens are kept."""
         with self._lock:
-            if config.locationId not in self.locations:
-                raise KeyError(config.locationId)
+            self.companies[company_id] = config
+            self._persist("company", company_id, config.model_dump())
+
+    def put_locations(self, configs: dict[str, LocationConfig]) -> None:
+        """``put_location`` for many, persisted in one SQLite transaction (hundreds in milliseconds)."""
+        with self._lock:
+            if self._db is not None:
+                self._db.execute("BEGIN")
+            try:
+                for location_id, config in configs.items():
+                    self.put_location(location_id, config)
+            finally:
+                if self._db is not None:
+                    self._db.execute("COMMIT")
+
+    def add_token(self, config: TokenConfig) -> Token:
+        """Register a token (and its refresh grant); KeyError names an unknown location or company."""
+        with self._lock:
+            owner = config.locationId if config.userType == "Location" else config.companyId
+            if owner not in (self.locations if config.userType == "Location" else self.companies):
+                raise KeyError(owner)
             expires_at = time.time() + config.expiresIn if config.expiresIn is not None else None
             token = Token(
-                config.token, config.locationId, frozenset(config.scopes), expires_at, config.clientId
+                config.token,
+                config.locationId,
+                frozenset(config.scopes),
+                expires_at,
+                config.clientId,
+                config.companyId,
             )
             self.tokens[token.token] = token
             self._persist("token", token.token, token.as_record())
@@ -243,6 +291,7 @@ class Store:
                     config.clientId,
                     config.clientSecret,
                     config.expiresIn if config.expiresIn is not None else ACCESS_TOKEN_LIFETIME,
+                    config.companyId,
                 )
                 self.refresh_grants[grant.refresh_token] = grant
                 self._persist("refresh", grant.refresh_token, grant.as_record())
@@ -266,22 +315,25 @@ class Store:
         missing = [k for k in ("client_id", "client_secret", "refresh_token") if not form.get(k)]
         if missing:
             return 400, _oauth_error("invalid_request", f"missing parameter(s): {', '.join(missing)}")
-        if form.get("user_type", "Location") != "Location":
-            return 400, _oauth_error("invalid_request", "user_type must be Location")
         with self._lock:
             grant = self.refresh_grants.get(form["refresh_token"])
             if grant is None:
                 return 400, _oauth_error("invalid_grant", "refresh token is invalid, expired or already used")
+            user_type = "Location" if grant.location_id is not None else "Company"
+            if form.get("user_type", "Location") != user_type:
+                return 400, _oauth_error("invalid_request", f"user_type must be {user_type}")
             if (grant.client_id, grant.client_secret) != (form["client_id"], form["client_secret"]):
                 return 401, _oauth_error("invalid_client", "client authentication failed")
             del self.refresh_grants[grant.refresh_token]
             self._unpersist("refresh", grant.refresh_token)
-            access = f"sbx-at-{self._rng.getrandbits(128):032x}"
-            refresh = f"sbx-rt-{self._rng.getrandbits(128):032x}"
+            access = self.new_secret("sbx-at")
+            refresh = self.new_secret("sbx-rt")
             self.add_token(
                 TokenConfig(
                     token=access,
+                    userType=user_type,
                     locationId=grant.location_id,
+                    companyId=grant.company_id,
                     scopes=list(grant.scopes),
                     expiresIn=grant.access_lifetime,
                     refreshToken=refresh,
@@ -289,17 +341,22 @@ class Store:
                     clientSecret=grant.client_secret,
                 )
             )
+        owner = {"locationId": grant.location_id} if grant.location_id else {"companyId": grant.company_id}
         return 200, {
             "access_token": access,
             "token_type": "Bearer",
             "expires_in": int(grant.access_lifetime),
             "refresh_token": refresh,
             "scope": " ".join(grant.scopes),
-            "userType": "Location",
-            "locationId": grant.location_id,
+            "userType": user_type,
+            **owner,
         }
 
-    def rate_limit_of(self, location_id: str) -> RateLimitConfig | None:
+    def new_secret(self, prefix: str) -> str:
+        """A fresh token value from the seeded generator (reproducible per server run)."""
+        return f"{prefix}-{self._rng.getrandbits(128):032x}"
+
+    def rate_limit_of(self, location_id: str | None) -> RateLimitConfig | None:
         location = self.locations.get(location_id)
         return location.rate_limit if location else None
 
@@ -442,7 +499,9 @@ class Store:
             return False
         for kind, key, body in rows:
             record = json.loads(body)
-            if kind == "location":
+            if kind == "company":
+                self.companies[key] = CompanyConfig.model_validate(record)
+            elif kind == "location":
                 self.locations[key] = Location(key, LocationConfig.model_validate(record))
             elif kind == "token":
                 self.tokens[key] = Token(
@@ -451,6 +510,7 @@ class Store:
                     frozenset(record["scopes"]),
                     record["expiresAt"],
                     record.get("clientId"),  # absent in state files written before it was kept
+                    record.get("companyId"),
                 )
             elif kind == "refresh":
                 self.refresh_grants[key] = RefreshGrant(
@@ -460,6 +520,7 @@ class Store:
                     record["clientId"],
                     record["clientSecret"],
                     record["accessLifetime"],
+                    record.get("companyId"),
                 )
         for kind, _key, body in rows:
             if kind == "contact":

@@ -7,6 +7,9 @@
         admin.reset()
         admin.put_location("loc1", allowDuplicateContact=False, duplicateCheckFields=["email", "phone"])
         admin.add_token(token="tok", locationId="loc1", scopes=["contacts.write"])
+        agency = admin.create_agency("acme", locations=300, uninstalled=[7])
+        # agency.token lists agency.location_ids (GET /oauth/installedLocations) and mints
+        # location tokens for them (POST /oauth/locationToken)
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -128,6 +133,19 @@ class SandboxProcess:
         self.stop()
 
 
+@dataclass(frozen=True)
+class Agency:
+    """A company made by ``SandboxAdmin.create_agency``: its app, OAuth agency token and locations."""
+
+    company_id: str
+    app_id: str
+    token: str
+    client_id: str
+    client_secret: str
+    refresh_token: str | None
+    location_ids: tuple[str, ...]
+
+
 class SandboxAdmin:
     """Small client of the ``/_sandbox`` admin API; every call raises on an HTTP error."""
 
@@ -156,8 +174,65 @@ class SandboxAdmin:
 
     def add_token(self, **token: Any) -> dict[str, Any]:
         """``token``, ``locationId``, ``scopes``, ``expiresIn``, ``refreshToken``, ``clientId``,
-        ``clientSecret``; the location must exist."""
+        ``clientSecret``; the location must exist. An agency token has ``userType="Company"`` and
+        ``companyId`` instead of ``locationId``."""
         return self._call("POST", "/tokens", token)
+
+    def put_company(self, company_id: str, **settings: Any) -> dict[str, Any]:
+        """``appId``, ``locationTokenExpiresIn`` (lifetime of minted location tokens), ``locationScopes``."""
+        return self._call("PUT", f"/companies/{company_id}", settings)
+
+    def add_locations(self, company_id: str, count: int, **settings: Any) -> list[str]:
+        """``count`` locations of the company at once; ``idPrefix``, ``uninstalled`` (indexes),
+        ``location`` (a ``put_location`` body for all of them). Returns their ids in index order."""
+        body = {"count": count, **settings}
+        return self._call("POST", f"/companies/{company_id}/locations", body)["locationIds"]
+
+    def create_agency(
+        self,
+        company_id: str = "agency",
+        *,
+        locations: int = 0,
+        uninstalled: Sequence[int] = (),
+        scopes: Sequence[str] = ("oauth.readonly", "oauth.write"),
+        expires_in: float | None = None,
+        refresh_token: str | None = None,
+        location_token_expires_in: float | None = None,
+        **location: Any,
+    ) -> Agency:
+        """A company with its app, an OAuth agency token (``expires_in``: its lifetime, None: never;
+        ``refresh_token``: refreshable through ``/oauth/token``) and ``locations`` locations, the
+        ``uninstalled`` indexes without the app; ``location`` settings (``rateLimit``,
+        ``customFields`` ...) apply to every location."""
+        app_id = f"{company_id}-app"
+        company: dict[str, Any] = {"appId": app_id}
+        if location_token_expires_in is not None:
+            company["locationTokenExpiresIn"] = location_token_expires_in
+        self.put_company(company_id, **company)
+        agency = Agency(
+            company_id=company_id,
+            app_id=app_id,
+            token=f"{company_id}-agency-token",
+            client_id=f"{app_id}-client",
+            client_secret=f"{app_id}-secret",
+            refresh_token=refresh_token,
+            location_ids=tuple(
+                self.add_locations(company_id, locations, uninstalled=list(uninstalled), location=location)
+                if locations
+                else ()
+            ),
+        )
+        self.add_token(
+            token=agency.token,
+            userType="Company",
+            companyId=company_id,
+            scopes=list(scopes),
+            expiresIn=expires_in,
+            refreshToken=refresh_token,
+            clientId=agency.client_id,
+            clientSecret=agency.client_secret,
+        )
+        return agency
 
     def set_faults(self, **faults: Any) -> dict[str, Any]:
         """Replace all fault knobs (unset ones are off); see ``models.FaultConfig``."""

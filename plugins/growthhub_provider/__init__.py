@@ -40,7 +40,7 @@ def get_provider_info() -> dict[str, Any]:
                     "relabeling": {"host": "Base URL", "password": "Private Integration / Access Token"},
                     "placeholders": {
                         "host": "https://services.leadconnectorhq.com",
-                        "password": "pit-... (leave empty when using OAuth)",
+                        "password": "pit-... (empty with OAuth; an agency's OAuth token for agencies)",
                     },
                 },
                 "conn-fields": {
@@ -67,6 +67,22 @@ def get_provider_info() -> dict[str, Any]:
                         "label": "OAuth Refresh Token",
                         "description": "Initial refresh token; rotated tokens go to the refresh token store.",
                         "schema": {"type": ["string", "null"], "format": "password"},
+                    },
+                    "company_id": {
+                        "label": "Agency Company ID",
+                        "description": (
+                            "Agency connections only (with App ID): the password is then the agency's "
+                            "OAuth access token, and each location's token is minted from it."
+                        ),
+                        "schema": {"type": ["string", "null"]},
+                    },
+                    "app_id": {
+                        "label": "Marketplace App ID",
+                        "description": (
+                            "Agency connections only (with Company ID): the app whose installed "
+                            "locations are used."
+                        ),
+                        "schema": {"type": ["string", "null"]},
                     },
                     "coordination": {
                         "label": "Coordination",

@@ -69,7 +69,13 @@ def schema(sandbox_server):
 
 class TestOpenApi:
     def test_documents_the_public_endpoints_only(self, schema):
-        assert set(schema["paths"]) == {"/contacts/upsert", "/contacts/{contactId}", "/oauth/token"}
+        assert set(schema["paths"]) == {
+            "/contacts/upsert",
+            "/contacts/{contactId}",
+            "/oauth/token",
+            "/oauth/installedLocations",
+            "/oauth/locationToken",
+        }
 
     def test_upsert_request_model_has_every_field_and_forbids_others(self, schema):
         request = schema["components"]["schemas"]["UpsertContactRequest"]

@@ -1,12 +1,14 @@
 """
 The GrowthHub API client, free of Airflow: usable from any Python process and tested on its own.
 
-:class:`GrowthHubClient` speaks HTTP to one location; :mod:`.coordination` keeps what the workers
+:class:`GrowthHubClient` speaks HTTP to one location, :class:`AgencyClient` for an agency (its
+installed locations, their minted tokens); :mod:`.coordination` keeps what the workers
 of that location share (``local`` here; ``redis`` in :mod:`.redis_coordination`).
 """
 
 from __future__ import annotations
 
+from growthhub_provider.client.agency import AgencyClient, InstalledLocation
 from growthhub_provider.client.batch import BatchStats, OutcomeStatus, UpsertOutcome
 from growthhub_provider.client.client import GrowthHubClient, UpsertResult
 from growthhub_provider.client.coordination import (
@@ -38,6 +40,7 @@ from growthhub_provider.client.settings import (
 )
 
 __all__ = [
+    "AgencyClient",
     "BatchStats",
     "ClientConfig",
     "Coordination",
@@ -51,6 +54,7 @@ __all__ = [
     "GrowthHubNotFound",
     "GrowthHubRejected",
     "GrowthHubTransientError",
+    "InstalledLocation",
     "LimitSettings",
     "LocalCoordination",
     "OAuthCredentials",

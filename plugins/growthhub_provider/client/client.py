@@ -32,7 +32,7 @@ from growthhub_provider.client.batch import (
     UpsertOutcome,
     by_cause,
 )
-from growthhub_provider.client.coordination import LocalCoordination, TokenState
+from growthhub_provider.client.coordination import LocalCoordination, TokenState, renewal_time
 from growthhub_provider.client.errors import (
     GrowthHubAuthError,
     GrowthHubBadResponse,
@@ -238,6 +238,8 @@ class GrowthHubClient:
         return self._token_store
 
     def _adopt(self, state: TokenState) -> None:
+        if state.access_token:  # another worker's token is as secret here as where it was issued
+            self._learn_secret(state.access_token)
         self._access_token = state.access_token
         self._access_expires_at = state.expires_at
 
@@ -313,7 +315,7 @@ class GrowthHubClient:
                 "client_id": oauth.client_id,
                 "client_secret": oauth.client_secret,
                 "refresh_token": refresh_token,
-                "user_type": "Location",
+                "user_type": oauth.user_type,
             },
             headers={"Content-Type": "application/x-www-form-urlencoded"},
             auth=_no_auth,
@@ -333,12 +335,10 @@ class GrowthHubClient:
         self._learn_secret(body["access_token"])
         new_refresh_token = body.get("refresh_token") or refresh_token
         self._learn_secret(new_refresh_token)
-        expires_at = None
-        if expires_in := body.get("expires_in"):
-            expires_in = float(expires_in)
-            expires_at = time.time() + expires_in - min(60.0, expires_in / 10)
         return TokenState(
-            refresh_token=new_refresh_token, access_token=body["access_token"], expires_at=expires_at
+            refresh_token=new_refresh_token,
+            access_token=body["access_token"],
+            expires_at=renewal_time(body.get("expires_in")),
         )
 
     def _oauth_body(self, response: requests.Response, problem: str | None) -> dict[str, Any]:

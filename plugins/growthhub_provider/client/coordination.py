@@ -22,6 +22,7 @@ import hashlib
 import json
 import os
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -107,6 +108,17 @@ class TokenState:
             access_token=str(stored["access_token"]) if stored.get("access_token") else None,
             expires_at=float(expires_at) if isinstance(expires_at, int | float) else None,
         )
+
+
+def renewal_time(expires_in: object) -> float | None:
+    """
+    When a token issued for ``expires_in`` seconds must be renewed (Unix time): a tenth of its life,
+    at most a minute, early, so no request leaves with a token that expires on the way.
+    """
+    if not expires_in:
+        return None
+    lifetime = float(str(expires_in))
+    return time.time() + lifetime - min(60.0, lifetime / 10)
 
 
 class TokenStore(Protocol):

@@ -64,15 +64,17 @@ def tls_verify(value: Any) -> bool | str:
 @dataclass(frozen=True)
 class OAuthCredentials:
     """
-    An OAuth app's grant for one location.
+    An OAuth app's grant for one location, or for an agency (company).
 
     :param refresh_token: the refresh token an admin put in the connection: the *seed*. Rotated
         tokens are kept by the coordination's token store; a new seed makes them void.
+    :param user_type: whose grant it is, as ``/oauth/token`` wants it: ``Location`` or ``Company``.
     """
 
     client_id: str
     client_secret: str = field(repr=False)
     refresh_token: str = field(repr=False)
+    user_type: str = "Location"
 
 
 class _Backoff:

@@ -8,6 +8,7 @@ and builds the client. Everything the API does lives in the client.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from functools import cached_property
 from pathlib import Path
@@ -18,10 +19,12 @@ from airflow.providers.http.hooks.http import HttpHook
 from airflow.sdk.log import mask_secret
 
 from growthhub_provider.client import (
+    AgencyClient,
     BatchStats,
     ClientConfig,
     GrowthHubClient,
     GrowthHubConfigError,
+    InstalledLocation,
     LimitSettings,
     LocalCoordination,
     OAuthCredentials,
@@ -57,6 +60,12 @@ class GrowthHubHook(HttpHook):
     ``timeout``, ``verify``, ``trust_env``, ``log_pii``. ``verify`` is true unless the extra says
     false; a path keeps it on against that CA bundle (see :func:`tls_verify`).
 
+    An *agency* connection has extras ``company_id`` and ``app_id`` (both or neither), and the
+    agency (company) OAuth access token as password, refreshed with the OAuth extras. It lists the
+    locations where the app is installed (:meth:`installed_locations`); given a ``location_id``,
+    the hook works as a location connection whose token the agency mints (and every worker of the
+    location shares until it expires).
+
     ``coordination`` says where the state every worker of the location must share lives:
     ``local`` (default; this process's limiter, tokens in the 0600 ``refresh_token_file``, for
     one host) or the id of a ``redis`` connection (limiter window, daily quota and OAuth tokens in
@@ -74,7 +83,8 @@ class GrowthHubHook(HttpHook):
     :param max_retry_seconds: give up retrying a row after this long.
     :param backoff_initial_s: first backoff; doubles per attempt, plus jitter.
     :param backoff_max_s: longest single backoff.
-    :param coordination: the shared state to use instead of the one the connection names.
+    :param coordination: the shared state to use instead of the one the connection names (on an
+        agency connection, the location's; the agency's token state stays the connection's).
     """
 
     conn_name_attr = "growthhub_conn_id"
@@ -184,20 +194,48 @@ class GrowthHubHook(HttpHook):
             log_pii=to_bool(extras.get("log_pii"), default=False),
         )
 
+    @property
+    def is_agency(self) -> bool:
+        """
+        Whether the connection is an agency's (extras ``company_id`` and ``app_id``).
+
+        :raises GrowthHubConfigError: only one of the two extras is set.
+        """
+        present = {name: bool(self.extras.get(name)) for name in ("company_id", "app_id")}
+        if present["company_id"] != present["app_id"]:
+            missing = "app_id" if present["company_id"] else "company_id"
+            given = "company_id" if missing == "app_id" else "app_id"
+            raise GrowthHubConfigError(
+                f"Connection {self.growthhub_conn_id!r}: extra {given} is set but {missing} is not; an "
+                f"agency connection needs both, a location connection neither"
+            )
+        return present["company_id"]
+
     @cached_property
     def coordination(self) -> Coordination:
-        """The shared state the connection's ``coordination`` extra names (default ``local``)."""
+        """The shared state of this hook's location the connection's ``coordination`` extra names."""
         if self._coordination is not None:
             return self._coordination
+        return self._coordination_at(self.config.location_id)
+
+    def _coordination_at(self, location_key: str | None, *, agency: bool = False) -> Coordination:
+        """
+        The shared state of ``location_key`` (default ``local``).
+
+        :param agency: the agency's own token state. Locally it gets a file of its own: a location's
+            token is minted under that file's lock, and minting may refresh the agency's token.
+        """
         config = self.config
         choice = str(self.extras.get("coordination") or LOCAL_COORDINATION).strip()
         if choice == LOCAL_COORDINATION:
             default = Path(os.environ.get("AIRFLOW_HOME", "~/airflow")).expanduser() / "growthhub-tokens.json"
-            token_file = self.extras.get("refresh_token_file") or default
-            return LocalCoordination(config.base_url, config.location_id, token_file)
-        return self._redis_coordination(choice)
+            token_file = Path(self.extras.get("refresh_token_file") or default)
+            if agency:
+                token_file = token_file.with_name(f"{token_file.stem}-agency{token_file.suffix}")
+            return LocalCoordination(config.base_url, location_key, token_file)
+        return self._redis_coordination(choice, location_key)
 
-    def _redis_coordination(self, redis_conn_id: str) -> Coordination:
+    def _redis_coordination(self, redis_conn_id: str, location_key: str | None) -> Coordination:
         from airflow.providers.redis.hooks.redis import RedisHook
         from redis.backoff import ExponentialBackoff
         from redis.retry import Retry
@@ -227,17 +265,57 @@ class GrowthHubHook(HttpHook):
         return RedisCoordination(
             client,
             self.config.base_url,
-            self.config.location_id,
+            location_key,
             lock_ttl_s=outlives_a_request,
             lease_s=outlives_a_request,
         )
 
     @cached_property
     def client(self) -> GrowthHubClient:
-        """The client every call of this hook goes through, built once."""
-        return GrowthHubClient(
-            self.config, coordination=self.coordination, logger=self.log, on_secret=mask_secret
+        """
+        The client every call of this hook goes through, built once.
+
+        :raises GrowthHubConfigError: an agency connection without a location to send to.
+        """
+        if not self.is_agency:
+            return GrowthHubClient(
+                self.config, coordination=self.coordination, logger=self.log, on_secret=mask_secret
+            )
+        if self.location_id is None:
+            raise GrowthHubConfigError(
+                f"Connection {self.growthhub_conn_id!r} is an agency connection: give the hook the "
+                "location_id to send to"
+            )
+        return self.agency_client.location_client(self.location_id, coordination=self.coordination)
+
+    @cached_property
+    def agency_client(self) -> AgencyClient:
+        """
+        The agency's own client: lists installed locations, mints location tokens.
+
+        Its token state is keyed by the company, not by a location: every location of the agency
+        must spend the one agency refresh token in turn.
+
+        :raises GrowthHubConfigError: not an agency connection.
+        """
+        if not self.is_agency:
+            raise GrowthHubConfigError(
+                f"Connection {self.growthhub_conn_id!r} is not an agency connection "
+                "(extras company_id, app_id)"
+            )
+        company_id = str(self.extras["company_id"])
+        return AgencyClient(
+            dataclasses.replace(self.config, location_id=None),
+            company_id,
+            str(self.extras["app_id"]),
+            coordination=self._coordination_at(f"agency:{company_id}", agency=True),
+            logger=self.log,
+            on_secret=mask_secret,
         )
+
+    def installed_locations(self, *, installed_only: bool = True) -> list[InstalledLocation]:
+        """The agency's locations where the app is installed; see :meth:`AgencyClient.installed_locations`."""
+        return self.agency_client.installed_locations(installed_only=installed_only)
 
     # -- what callers read ------------------------------------------------------------------------
 
@@ -293,9 +371,12 @@ class GrowthHubHook(HttpHook):
         return session
 
     def test_connection(self) -> tuple[bool, str]:
-        """Check base URL, token and Version by fetching a contact that does not exist (404 = fine)."""
+        """
+        Check base URL, token and Version by fetching a contact that does not exist (404 = fine);
+        an agency connection by listing its installed locations.
+        """
         try:
-            return self.client.check()
+            return self.agency_client.check() if self.is_agency else self.client.check()
         except GrowthHubConfigError as e:
             return False, str(e)
 
