@@ -84,10 +84,12 @@ class KnownLocation:
 
 
 def hook_directory(conn_id: str) -> Sequence[InstalledLocation]:
-    """The locations the agency connection ``conn_id`` has installed, from GrowthHub."""
+    """The agency connection's locations from GrowthHub, the uninstalled ones flagged (their rows
+    are quarantined as ``location_not_installed``, not ``location_unknown``)."""
     from growthhub_provider.hooks.growthhub import GrowthHubHook
 
-    return GrowthHubHook(growthhub_conn_id=conn_id).installed_locations()  # type: ignore[no-any-return]
+    hook = GrowthHubHook(growthhub_conn_id=conn_id)
+    return hook.installed_locations(installed_only=False)  # type: ignore[no-any-return]
 
 
 @dataclass

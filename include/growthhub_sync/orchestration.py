@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 SYNC_DAG_ID = "growthhub_contact_sync"
 REPLAY_DAG_ID = "growthhub_quarantine_replay"
+CONTACTS_ALIAS = "growthhub_contacts"
+"""The AssetAlias the sync's events go through: one ``growthhub://<location id>/contacts`` per location."""
 
 DEFAULT_ARGS: dict[str, Any] = {
     "owner": "data-engineering",
@@ -227,3 +229,22 @@ def summary_table(results: Sequence[Mapping[str, Any]], reasons: int = 3) -> str
         "  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True))
         for line in (header, *rows)
     )
+
+
+def changed_assets(results: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The Asset URI of every location whose contacts the run created or updated."""
+    return [
+        f"growthhub://{r['location_id']}/contacts" for r in results if r.get("created") or r.get("updated")
+    ]
+
+
+def fleet_report(finalized: Mapping[str, Any]) -> str:
+    """The report task's log: the table per location, a total line, the quiet and failed locations."""
+    total = {"location": "TOTAL", **finalized["total"]}
+    lines = [
+        summary_table([*finalized["results"], total]),
+        f"{len(finalized['results'])} location(s) with work, {finalized['quiet']} quiet",
+    ]
+    if finalized["failed"]:
+        lines.append(f"failed: {', '.join(finalized['failed'])}")
+    return "\n".join(lines)
