@@ -35,7 +35,7 @@ from growthhub_sandbox.testing import SandboxAdmin, SandboxProcess, free_port
 from growthhub_sync import state
 from growthhub_sync.config import load_config
 from growthhub_sync.demo import contacts_table, modify_contacts, seed_demo
-from growthhub_sync.orchestration import REPLAY_DAG_ID, SYNC_DAG_ID, pool_name
+from growthhub_sync.orchestration import REPLAY_DAG_ID, SYNC_DAG_ID
 from growthhub_sync.outcomes import RUN_COUNTS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -90,14 +90,13 @@ def _airflow(args: list[str], env: dict[str, str], log: Path) -> int:
 
 @pytest.fixture(scope="session")
 def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An Airflow home with a migrated SQLite metadata DB, the location's pool and the retry policy."""
+    """An Airflow home with a migrated SQLite metadata DB, the API host's pool and the retry policy."""
     home = tmp_path_factory.mktemp("airflow_home")
     (home / "config").mkdir()
     (home / "config" / "airflow_local_settings.py").write_text(LOCAL_SETTINGS)
     env = _airflow_env(home)
     for args in (
         ["db", "migrate"],
-        ["pools", "set", pool_name(LOCATION_ID), "4", "GrowthHub tests"],
         ["pools", "set", "growthhub_api", "4", "GrowthHub API host"],
     ):
         log = home / f"{args[0]}-{args[1]}.log"
