@@ -29,7 +29,7 @@ from growthhub_sandbox.testing import SandboxAdmin, SandboxProcess
 from growthhub_sync import state
 from growthhub_sync.config import SyncConfig, load_config
 from growthhub_sync.demo import contacts_table, modify_contacts, seed_demo, touch_contacts
-from growthhub_sync.orchestration import SYNC_DAG_ID, pool_name
+from growthhub_sync.orchestration import SYNC_DAG_ID
 
 ROOT = Path(__file__).resolve().parent.parent
 ROWS = 10_000
@@ -103,7 +103,7 @@ def main(workdir: Path, port: int, rows: int) -> None:
         with running(demo.home, port, connections, workdir, demo.var) as airflow:
             api = AirflowApi(demo.home, port)
             airflow.wait_until(f"DAG {SYNC_DAG_ID}", lambda: api.has_dag(SYNC_DAG_ID))
-            api.call("POST", "/pools", {"name": pool_name(location.location_id), "slots": 4})
+            api.call("POST", "/pools", {"name": config.shards.pool, "slots": 4})
 
             summary = _two_runs(api, airflow, engine, config)
 
