@@ -1,4 +1,4 @@
-"""Warehouse → GrowthHub contact sync: one run per data interval, one task group per location."""
+"""Warehouse → GrowthHub contact sync: one run per data interval over every location, in shards."""
 
 from __future__ import annotations
 
@@ -8,31 +8,30 @@ from typing import TYPE_CHECKING, Any
 import pendulum
 from airflow.sdk import (
     Asset,
+    AssetAlias,
     CronDataIntervalTimetable,
     Param,
     conf,
     dag,
     get_current_context,
     task,
-    task_group,
 )
 
 from growthhub_sync.config import load_config
 from growthhub_sync.operator_view import report_run
 from growthhub_sync.orchestration import (
+    CONTACTS_ALIAS,
     DEFAULT_ARGS,
     SYNC_DAG_ID,
     alert_threshold_breach,
+    changed_assets,
     fails_fast,
+    fleet_report,
     on_run_failure,
-    pool_name,
     run_window,
-    selected_locations,
-    summary_table,
 )
 
 if TYPE_CHECKING:
-    from growthhub_sync.config import LocationConfig
     from growthhub_sync.pipeline import SyncOptions
 
 CONFIG = load_config()
@@ -42,30 +41,33 @@ DOC = """
 ### GrowthHub contact sync
 
 Each run syncs the warehouse rows whose `updated_at` falls in the run's data interval (widened by
-`lookback_minutes`) plus rows left *deferred* by earlier runs, for every configured location:
+`lookback_minutes`) plus rows left *deferred* by earlier runs, for every location: the configured
+list, or, with `locations.from_column`, every location the agency connection has installed (a
+row's location is that column's value). The tasks are the same for 1 or 300 locations:
 
-1. **plan**: counts the rows and cuts them into key-range batches;
-2. **sync**: one mapped task per batch (pool `growthhub_<location id>` caps concurrent batches per
-   location): map, check (Great Expectations), skip unchanged rows, upsert the rest;
-3. **finalize**: adds up the batches, checks *extracted = unchanged + created + updated +
-   quarantined + rejected + deferred*, writes the run row; then **publish** emits the location's
-   Asset event (skipped on a dry run);
-4. **report**: logs a table of the counts, puts them on the run's note (with the top reasons and
-   a link to the quarantine page) and into metrics, and alerts once if a location's reject rate is
-   over the configured threshold.
+1. **plan**: one grouped count of the rows per location (quiet locations cost nothing more),
+   key ranges for big locations, work items packed into at most `shards.max` shards balanced by
+   rows; rows naming no installed location are quarantined (`location_unknown`,
+   `location_not_installed`, `location_missing`), never sent;
+2. **sync**: one mapped task per shard (pool `shards.pool`, one per API host), running
+   `shards.location_concurrency` locations at once, each with its own token and rate limit;
+3. **finalize**: one run row per location with work (*extracted = unchanged + created + updated +
+   quarantined + rejected + deferred*); **publish** emits one Asset event per location whose
+   contacts changed, through the `growthhub_contacts` AssetAlias (none on a dry run);
+4. **report**: logs the table of counts per location with a total line and the quiet count,
+   puts them on the run's note and into metrics, alerts once over the reject-rate threshold.
 
 **Backfill**: `airflow backfill create --dag-id growthhub_contact_sync --from-date ... --to-date ...`.
 **Params**: `full_refresh` (ignore window and ledger: send everything), `dry_run` (count and show
 sample payloads, write nothing, emit no Asset event; its note starts with DRY RUN), `locations`
-(subset), `lookback_minutes`.
+(names or ids to sync, checked at plan time; empty = all), `lookback_minutes`.
 
-**When it fails** you get one alert; its first line names the cause. Auth errors (401/403), an
-API version GrowthHub refuses and config errors fail the task at once, without retries, and stop
-the location's other batches: fix the connection (or the config) and clear the failed tasks.
-Transient API failures are retried;
-rows still failing are *deferred* and picked up first by the next run. Rows in the quarantine
-table (`growthhub_quarantine`) carry their reasons: fix them at the source, then trigger
-`growthhub_quarantine_replay`.
+**When it fails** you get one alert naming the failed location(s) and the cause. A location
+whose token GrowthHub refuses (401/403) or whose config is wrong stops at once, without retries,
+while every other location finishes; the report then fails the run. Fix the connection (or the
+config) and run again. Transient API failures are retried; rows still failing are *deferred* and
+picked up first by the next run. Rows in the quarantine table (`growthhub_quarantine`) carry
+their reasons: fix them at the source, then trigger `growthhub_quarantine_replay`.
 """
 
 
@@ -83,8 +85,8 @@ table (`growthhub_quarantine`) carry their reasons: fix them at the source, then
         "locations": Param(
             [],
             type="array",
-            items={"type": "string", "enum": [loc.name for loc in CONFIG.locations]},
-            description="Location names to sync; empty = all.",
+            items={"type": "string"},
+            description="Location names or ids to sync (checked when the run plans); empty = all.",
         ),
         "lookback_minutes": Param(
             CONFIG.lookback_minutes, type="integer", minimum=0, description="Widen the window for late rows."
@@ -94,81 +96,56 @@ table (`growthhub_quarantine`) carry their reasons: fix them at the source, then
     doc_md=DOC,
 )
 def growthhub_contact_sync() -> None:
+    @task
+    @fails_fast(CONFIG, None)
+    def plan(params: dict[str, Any]) -> list[list[dict[str, Any]]]:
+        """The shards to map over; the rest of the plan goes to finalize as XCom ``plan``."""
+        from growthhub_sync.fleet import plan_fleet
+
+        context = get_current_context()
+        shards = min(CONFIG.shards.max, conf.getint("core", "max_map_length", fallback=1024))
+        window, options = run_window(context, params["lookback_minutes"]), _options(context)
+        planned = plan_fleet(CONFIG, window, options, requested=params["locations"], max_shards=shards)
+        context["ti"].xcom_push(key="plan", value={k: v for k, v in planned.items() if k != "shards"})
+        return planned["shards"]
+
+    @task(pool=CONFIG.shards.pool)
+    def sync(shard: list[dict[str, Any]], planned: dict[str, Any]) -> dict[str, Any]:
+        from growthhub_sync.fleet import sync_shard
+
+        return sync_shard(CONFIG, planned["window"], shard, _options(get_current_context()))
+
+    @task(trigger_rule="none_failed")
+    def finalize(planned: dict[str, Any], shards: list[dict[str, Any]]) -> dict[str, Any]:
+        from growthhub_sync.fleet import finalize_fleet
+
+        # A slice is one XCom request. Iterating asks for the items one by one until the API
+        # answers 404 past the last, which the Task SDK logs as an ERROR ("XCom not found").
+        return finalize_fleet(CONFIG, planned, shards[:], _options(get_current_context()))
+
+    @task.skip_if(lambda context: (context["params"]["dry_run"], "dry run: no Asset event"))
+    @task(outlets=[AssetAlias(CONTACTS_ALIAS)])
+    def publish(finalized: dict[str, Any], *, outlet_events: Any = None) -> None:
+        """One Asset event per location whose contacts changed: DAGs scheduled on it run on them."""
+        for uri in changed_assets(finalized["results"]):
+            outlet_events[AssetAlias(CONTACTS_ALIAS)].add(Asset(uri))
+
     @task(retries=0, trigger_rule="none_failed")  # it sends alerts: a retry would send them twice
-    def report(results: list[dict[str, Any] | None]) -> None:
-        done = [r for r in results if r]
-        log.info("GrowthHub sync run summary\n%s", summary_table(done))
-        report_run(get_current_context(), done, prefix="growthhub.sync")
-        alert_threshold_breach(CONFIG, get_current_context(), done)
+    def report(finalized: dict[str, Any]) -> None:
+        context = get_current_context()
+        log.info("GrowthHub sync run summary\n%s", fleet_report(finalized))
+        report_run(context, finalized["results"], prefix="growthhub.sync")
+        alert_threshold_breach(CONFIG, context, finalized["results"])
+        if finalized["failed"]:  # after writing everything: the run fails, its callback alerts once
+            from airflow.sdk.exceptions import AirflowFailException
 
-    report([sync_location(location) for location in CONFIG.locations])
+            raise AirflowFailException(f"location(s) failed: {', '.join(finalized['failed'])}")
 
-
-def sync_location(location: LocationConfig) -> Any:
-    """plan → sync (mapped, pooled per location) → finalize, for one location."""
-    name = location.name
-
-    @task_group(group_id=f"location_{name}")
-    def group() -> Any:
-        @task
-        @fails_fast(CONFIG, name)
-        def plan(params: dict[str, Any]) -> list[dict[str, Any]]:
-            from growthhub_sync.pipeline import plan_sync
-
-            context = get_current_context()
-            if name not in selected_locations(CONFIG, params["locations"]):
-                return []
-            window = run_window(context, params["lookback_minutes"])
-            # one mapped sync task per ~batch_size rows; coarser if that would pass max_map_length
-            planned = plan_sync(CONFIG, name, window, batch_rows=CONFIG.batch_size, options=_options(context))
-            limit = conf.getint("core", "max_map_length", fallback=1024)
-            if len(planned["batches"]) > limit:
-                rows = -(-planned["total"] // (limit - 1))
-                planned = plan_sync(CONFIG, name, window, batch_rows=rows, options=_options(context))
-            return planned["batches"]
-
-        @task(pool=pool_name(location.location_id))
-        @fails_fast(CONFIG, name)
-        def sync(key_range: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
-            from growthhub_sync.pipeline import sync_batch
-
-            context = get_current_context()
-            window = run_window(context, params["lookback_minutes"])
-            return sync_batch(CONFIG, name, window, key_range, _options(context))
-
-        @task(trigger_rule="none_failed")
-        @fails_fast(CONFIG, name)
-        def finalize(batches: list[dict[str, Any]], params: dict[str, Any]) -> dict[str, Any] | None:
-            from growthhub_sync.pipeline import finalize_run
-
-            context = get_current_context()
-            if name not in selected_locations(CONFIG, params["locations"]):
-                return None
-            window = run_window(context, params["lookback_minutes"])
-            # A slice is one XCom request. Iterating asks for the items one by one until the API
-            # answers 404 past the last, which the Task SDK logs as an ERROR ("XCom not found").
-            return finalize_run(CONFIG, name, window, batches[:], _options(context))
-
-        @task.skip_if(lambda context: _no_asset_event(context, name))
-        @task(outlets=[Asset(f"growthhub://{location.location_id}/contacts")])
-        def publish() -> None:
-            """The location's Asset event: DAGs scheduled on it run on the synced contacts."""
-
-        done = finalize(sync.expand(key_range=plan()))
-        done >> publish()
-        return done
-
-    return group()
-
-
-def _no_asset_event(context: dict[str, Any], name: str) -> tuple[bool, str]:
-    """A dry run, or a run of other locations, changed nothing a downstream DAG could read."""
-    params = context["params"]
-    if params["dry_run"]:
-        return True, "dry run: no Asset event"
-    if name not in selected_locations(CONFIG, params["locations"]):
-        return True, f"location {name} is not in this run: no Asset event"
-    return False, ""
+    shards = plan()
+    planned = shards["plan"]
+    finalized = finalize(planned, sync.partial(planned=planned).expand(shard=shards))
+    publish(finalized)
+    report(finalized)
 
 
 def _options(context: dict[str, Any]) -> SyncOptions:

@@ -46,6 +46,7 @@ LAYERS = {
     "alerts": 7,
     "orchestration": 8,
     "operator_view": 8,
+    "fleet": 8,
     "__main__": 9,
     "__init__": 9,
 }

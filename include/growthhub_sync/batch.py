@@ -124,6 +124,7 @@ class BatchRunner:
         options: SyncOptions,
         upserter: UpserterSource = None,
     ) -> None:
+        config = config.for_location(location)
         self.config, self.location, self.engine, self.options = config, location, engine, options
         self.tables = state_tables(config.state)
         self.source = Source(config, location, self.tables, engine.dialect.name)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,11 +157,12 @@ class QualityChecker:
 
         if frame.empty:
             return CheckResult({}, True, {})
-        result = self.definition.run(
-            batch_parameters={"dataframe": frame},
-            result_format={"result_format": "COMPLETE", "partial_unexpected_count": 0},
-            run_id=RunIdentifier(run_name=run_name),
-        )
+        with _GX_LOCK:  # one GX context per process: the fleet's location threads take turns
+            result = self.definition.run(
+                batch_parameters={"dataframe": frame},
+                result_format={"result_format": "COMPLETE", "partial_unexpected_count": 0},
+                run_id=RunIdentifier(run_name=run_name),
+            )
         failures: dict[int, dict[str, str]] = {}
         for check, er in zip(self.checks, result.results, strict=True):
             if er.success:
@@ -205,15 +207,17 @@ def _site(folder: str) -> dict[str, Any]:
     }
 
 
+_GX_LOCK = threading.RLock()
 _CHECKERS: dict[tuple[str, tuple[str, ...], bool], QualityChecker] = {}
 
 
 def checker_for(config: SyncConfig, columns: tuple[str, ...], keep_results: bool) -> QualityChecker:
     """One GX context per process and config: building it costs as much as validating ~50k rows."""
     key = (config.model_dump_json(), columns, keep_results)
-    if key not in _CHECKERS:
-        _CHECKERS[key] = QualityChecker(config, columns, keep_results=keep_results)
-    return _CHECKERS[key]
+    with _GX_LOCK:
+        if key not in _CHECKERS:
+            _CHECKERS[key] = QualityChecker(config, columns, keep_results=keep_results)
+        return _CHECKERS[key]
 
 
 def check_columns(config: SyncConfig) -> list[str]:

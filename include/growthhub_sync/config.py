@@ -38,6 +38,9 @@ DEFAULT_CONFIG_PATH = Path(__file__).with_name("default_config.yaml")
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
+UNROUTED = "_unrouted"
+"""The location name of rows whose ``locations.from_column`` is NULL or blank (quarantined)."""
+
 
 class ConfigError(ValueError):
     """The configuration is unusable; the message names the offending key."""
@@ -104,12 +107,22 @@ class SourceConfig(_Model):
 
 
 class LocationConfig(_Model):
-    """A GrowthHub sub-account; ``filter`` routes only matching rows (column = value) to it."""
+    """A GrowthHub sub-account; ``filter`` routes only matching rows (column = value; a null value:
+    column NULL or blank) to it. ``mapping`` replaces the config's mapping for this location
+    (custom-field ids differ per location)."""
 
     name: str
     location_id: str = Field(min_length=1)
     conn_id: str = "growthhub_default"
-    filter: dict[str, str | int | bool] = Field(default_factory=dict)
+    filter: dict[str, str | int | bool | None] = Field(default_factory=dict)
+    mapping: MappingConfig | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _name_defaults_to_id(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "name" not in data and data.get("location_id"):
+            return {**data, "name": data["location_id"]}
+        return data
 
     @field_validator("name")
     @classmethod
@@ -322,9 +335,55 @@ class AlertsConfig(BaseModel):
     top_errors: int = Field(default=5, ge=0, le=50)
 
 
+class LocationRouting(_Model):
+    """The mapping form of ``locations``: each row's location id is in ``from_column``; locations
+    are those the agency connection ``conn_id`` has installed (``locations.list`` overrides some)."""
+
+    from_column: str | None = None
+    conn_id: str = "growthhub_default"
+
+    _col = field_validator("from_column")(lambda v: _identifier(v, "column"))
+
+
+class ShardsConfig(_Model):
+    """How a run's work is spread: at most ``max`` mapped sync tasks (shards), each running up to
+    ``location_concurrency`` locations at once (threads); every shard task takes a slot of ``pool``
+    (one pool per GrowthHub API host caps the tasks talking to it)."""
+
+    max: int = Field(default=16, ge=1, le=1024)
+    location_concurrency: int = Field(default=8, ge=1, le=64)
+    pool: str = "growthhub_api"
+
+
+def _split_locations(data: Any) -> Any:
+    """``locations: {from_column, conn_id, list}`` → ``locations`` (the list, each entry routed by
+    the column and defaulting to the agency connection) + ``location_routing``."""
+    if not isinstance(data, dict) or not isinstance(data.get("locations"), dict):
+        return data
+    form = dict(data["locations"])
+    entries = form.pop("list", None) or []
+    unknown = sorted(set(form) - {"from_column", "conn_id"})
+    if unknown:
+        raise ValueError(f"locations: unknown key(s) {unknown}; use from_column, conn_id and list")
+    column, conn_id = form.get("from_column"), form.get("conn_id", "growthhub_default")
+    if column is not None and (not isinstance(column, str) or not _IDENT.match(column)):
+        raise ValueError(f"locations.from_column: unsafe column {column!r}: use letters, digits and _")
+    routed = []
+    for entry in entries:
+        entry = {"conn_id": conn_id, **entry} if isinstance(entry, dict) else entry
+        if column and isinstance(entry, dict):
+            entry = {**entry, "filter": {column: entry.get("location_id"), **(entry.get("filter") or {})}}
+        routed.append(entry)
+    return {**data, "locations": routed, "location_routing": form}
+
+
 class SyncConfig(_Model):
     source: SourceConfig = Field(default_factory=SourceConfig)
-    locations: list[LocationConfig] = Field(min_length=1)
+    locations: list[LocationConfig] = Field(default_factory=list)
+    """Explicit locations (a list), or, in the mapping form, overrides of discovered ones."""
+    location_routing: LocationRouting = Field(default_factory=LocationRouting)
+    """From the mapping form of ``locations``: the routing column and the agency connection."""
+    shards: ShardsConfig = Field(default_factory=ShardsConfig)
     mapping: MappingConfig
     quality: QualityConfig = Field(default_factory=QualityConfig)
     state: StateConfig = Field(default_factory=StateConfig)
@@ -352,8 +411,12 @@ class SyncConfig(_Model):
             raise ValueError(f"invalid schedule {value!r}: a cron expression or @hourly/@daily/...")
         return value
 
+    _split = model_validator(mode="before")(classmethod(lambda cls, data: _split_locations(data)))
+
     @model_validator(mode="after")
     def _unique_locations(self) -> SyncConfig:
+        if not self.locations and not self.location_routing.from_column:
+            raise ValueError("locations: give at least one location, or locations.from_column")
         names = [loc.name for loc in self.locations]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
@@ -366,10 +429,35 @@ class SyncConfig(_Model):
         return self.chunk_size if self.chunk_size is not None else min(self.batch_size, 5000)
 
     def location(self, name: str) -> LocationConfig:
+        """A configured location by name; with ``locations.from_column``, else the location whose
+        id is ``name`` (or :data:`UNROUTED`), routed by the column."""
         for loc in self.locations:
             if loc.name == name:
                 return loc
-        raise ConfigError(f"locations: unknown location {name!r}; known: {[x.name for x in self.locations]}")
+        column = self.location_routing.from_column
+        if column is None:
+            raise ConfigError(
+                f"locations: unknown location {name!r}; known: {[x.name for x in self.locations]}"
+            )
+        for loc in self.locations:
+            if loc.location_id == name:
+                return loc
+        # built, not validated: an unknown id is whatever the column holds (it is quarantined)
+        return LocationConfig.model_construct(
+            name=name[:64],
+            location_id=name,
+            conn_id=self.location_routing.conn_id,
+            filter={column: None if name == UNROUTED else name},
+            mapping=None,
+        )
+
+    def for_location(self, location: LocationConfig) -> SyncConfig:
+        """This config with the location's own mapping, if it has one."""
+        if location.mapping is None:
+            return self
+        data = self.model_dump(by_alias=True, exclude_none=True)
+        data["mapping"] = location.mapping.model_dump(by_alias=True, exclude_none=True)
+        return SyncConfig.model_validate(data)
 
     @cached_property
     def fingerprint(self) -> str:
@@ -386,8 +474,12 @@ class SyncConfig(_Model):
             ("source.updated_at_column", self.source.updated_at_column),
             *self.mapping.column_keys(),
         ]
+        if self.location_routing.from_column:
+            keys.append(("locations.from_column", self.location_routing.from_column))
         for i, loc in enumerate(self.locations):
             keys += [(f"locations.{i}.filter.{col}", col) for col in loc.filter]
+            if loc.mapping is not None:
+                keys += [(f"locations.{i}.{key}", col) for key, col in loc.mapping.column_keys()]
         return keys
 
     def source_columns(self) -> list[str]:

@@ -133,7 +133,9 @@ class Source:
         self.updated_at = self.table.c[src.updated_at_column]
         self.location = location
         self.pending = tables.pending
-        self.routing: list[ColumnElement[bool]] = [self.table.c[c] == v for c, v in location.filter.items()]
+        self.routing: list[ColumnElement[bool]] = [
+            _route(self.table.c[c], v) for c, v in location.filter.items()
+        ]
         # each row arrives with its ledger and open-quarantine hashes: the diff needs no lookups
         led, q = tables.ledger, tables.quarantine
         skey = cast(self.key, String)
@@ -156,7 +158,7 @@ class Source:
         p = self.pending
         return exists().where(p.c.location == self.location.name, p.c.source_key == cast(self.key, String))
 
-    def _in_window(self, window: Window) -> ColumnElement[bool]:
+    def in_window(self, window: Window) -> ColumnElement[bool]:
         conds = []
         if window.start is not None:
             conds.append(self.updated_at >= window.start)
@@ -174,7 +176,7 @@ class Source:
 
     def selection(self, window: Window, key_range: KeyRange, *, pending: bool) -> Select[Any]:
         """Pending rows of the range (any time), or window rows of the range that are not pending."""
-        which = self._is_pending() if pending else and_(self._in_window(window), ~self._is_pending())
+        which = self._is_pending() if pending else and_(self.in_window(window), ~self._is_pending())
         return self._select().where(which, *self.routing, *self._in_range(key_range)).order_by(self.key)
 
     def by_keys(self, keys: Sequence[str], *, full: bool = False) -> Select[Any]:
@@ -187,7 +189,14 @@ class Source:
 
     def scope(self, window: Window) -> ColumnElement[bool]:
         """Rows a run over ``window`` must account for: in the window or pending."""
-        return and_(or_(self._in_window(window), self._is_pending()), *self.routing)
+        return and_(or_(self.in_window(window), self._is_pending()), *self.routing)
+
+
+def _route(col: ColumnElement[Any], value: str | int | bool | None) -> ColumnElement[bool]:
+    """``col = value``; a null value routes the rows whose column is NULL or blank."""
+    if value is None:
+        return or_(col.is_(None), func.trim(cast(col, String)) == "")
+    return col == value
 
 
 def stream(conn: Connection, stmt: Select[Any], chunk_rows: int) -> Iterator[Sequence[Row[Any]]]:

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _MAX_MESSAGE = 300
+ALL_LOCATIONS = "all"
+"""The location of a failure before a run knows its locations (its plan)."""
 
 
 @dataclass(frozen=True)
@@ -52,13 +54,16 @@ class RunFailure:
         """The alert's first line: the cause and what to do."""
         if self.kind == "config":
             return (
-                f"config error for location {self.location}: {self.message}; "
+                f"config error for {self._where()}: {self.message}; "
                 "fix the config, then clear the failed tasks"
             )
         return (
-            f"{self._connection_cause()} for location {self.location}: "
+            f"{self._connection_cause()} for {self._where()}: "
             f"fix connection {self.conn_id}, then clear the failed tasks"
         )
+
+    def _where(self) -> str:
+        return "all locations" if self.location == ALL_LOCATIONS else f"location {self.location}"
 
     def _connection_cause(self) -> str:
         status = self.message[:4]
@@ -69,29 +74,42 @@ class RunFailure:
         return f"GrowthHub refused the connection ({self.message})"
 
 
-def failure_of(error: BaseException, location: LocationConfig) -> RunFailure | None:
-    """The :class:`RunFailure` an error means, or ``None`` when a retry may help."""
+def failure_of(
+    error: BaseException, location: LocationConfig | None, conn_id: str | None = None
+) -> RunFailure | None:
+    """The :class:`RunFailure` an error means, or ``None`` when a retry may help.
+
+    Without a ``location`` (a run's plan, before it knows them) the failure is of
+    :data:`ALL_LOCATIONS`, with the agency connection ``conn_id``.
+    """
     from growthhub_provider.client import GrowthHubAuthError  # GrowthHubConfigError included
 
     message = " ".join(str(error).split())[:_MAX_MESSAGE]
+    name = location.name if location else ALL_LOCATIONS
     if isinstance(error, GrowthHubAuthError):
-        fingerprint = credentials_fingerprint(location.conn_id)
-        return RunFailure("connection", location.name, message, location.conn_id, fingerprint)
+        conn = location.conn_id if location else conn_id
+        location_id = location.location_id if location else None
+        fingerprint = credentials_fingerprint(conn, location_id) if conn else None
+        return RunFailure("connection", name, message, conn, fingerprint)
     if isinstance(error, ConfigError):
-        return RunFailure("config", location.name, message)
+        return RunFailure("config", name, message)
     return None
 
 
-def credentials_fingerprint(conn_id: str) -> str | None:
-    """A hash of what the Airflow connection authenticates with (host, token, extras), never the
-    secrets themselves; ``None`` when the connection cannot be read."""
+def credentials_fingerprint(conn_id: str, location_id: str | None = None) -> str | None:
+    """A hash of what the Airflow connection authenticates with (host, token, extras) for
+    ``location_id``, never the secrets themselves; ``None`` when the connection cannot be read.
+
+    The location is part of it: an agency connection mints one token per location, so one
+    location's refusal says nothing of the others sharing the connection.
+    """
     from airflow.sdk import BaseHook
 
     try:
         conn = BaseHook.get_connection(conn_id)
     except Exception:  # the Task SDK and the secrets backends raise their own kinds
         return None
-    material = [conn.host, conn.port, conn.password, conn.extra_dejson]
+    material = [conn.host, conn.port, conn.password, conn.extra_dejson, location_id]
     text = json.dumps(material, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

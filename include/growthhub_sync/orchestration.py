@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 SYNC_DAG_ID = "growthhub_contact_sync"
 REPLAY_DAG_ID = "growthhub_quarantine_replay"
+CONTACTS_ALIAS = "growthhub_contacts"
+"""The AssetAlias the sync's events go through: one ``growthhub://<location id>/contacts`` per location."""
 
 DEFAULT_ARGS: dict[str, Any] = {
     "owner": "data-engineering",
@@ -38,7 +40,8 @@ DEFAULT_ARGS: dict[str, Any] = {
 
 
 def pool_name(location_id: str) -> str:
-    """One Airflow pool per GrowthHub location caps the tasks talking to it at once."""
+    """One Airflow pool per GrowthHub location caps the replay tasks talking to it at once (the
+    sync's shard tasks share ``shards.pool``, one per API host)."""
     return f"growthhub_{location_id}"
 
 
@@ -82,18 +85,20 @@ def run_url(context: Mapping[str, Any]) -> str | None:
 
 
 @contextmanager
-def failing_fast(config: SyncConfig, location: str, run_id: str) -> Iterator[None]:
+def failing_fast(config: SyncConfig, location: str | None, run_id: str) -> Iterator[None]:
     """Fail the task at once, without Airflow's retries, on what no retry can fix: GrowthHub
     refusing the token (401 after a refresh, 403) or the API version, and config errors.
 
-    The cause is recorded in the location's run row first (:mod:`~growthhub_sync.failures`), so the
+    ``location`` None: a task of every location (the fleet's plan). The cause is recorded in the
+    location's run row first (:mod:`~growthhub_sync.failures`), so the
     run's other batches stop sending and the run's failure alert names it. Transient errors pass
     through untouched and keep their retries.
     """
     try:
         yield
     except Exception as exc:
-        failure = failures.failure_of(exc, config.location(location))
+        where = config.location(location) if location else None
+        failure = failures.failure_of(exc, where, config.location_routing.conn_id)
         if failure is None:
             raise
         try:
@@ -110,7 +115,7 @@ def failing_fast(config: SyncConfig, location: str, run_id: str) -> Iterator[Non
         raise AirflowFailException(failure.headline()) from exc
 
 
-def fails_fast(config: SyncConfig, location: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
+def fails_fast(config: SyncConfig, location: str | None) -> Callable[[Callable[..., T]], Callable[..., T]]:
     """Decorate a task callable of one location with :func:`failing_fast` (under ``@task``)."""
 
     def decorate(fn: Callable[..., T]) -> Callable[..., T]:
@@ -174,13 +179,14 @@ def on_run_failure(context: Mapping[str, Any]) -> None:
     params = context.get("params") or {}
     progress = _run_progress(config, run_id)
     causes = progress.pop("failures", [])
+    failed = [f.location for f in causes]  # an agency run has hundreds of locations: name the failed
     top = config.alerts.top_errors
     headline = f"run failed{failed_task} ({context.get('reason') or 'task failure'}); see the task log"
     text = format_alert(
         headline="; ".join(f.headline() for f in causes) or headline,
         dag_id=dag_id,
         run_id=run_id,
-        locations=params.get("locations") or [loc.name for loc in config.locations],
+        locations=failed or params.get("locations") or [loc.name for loc in config.locations],
         counts={k: progress[k] for k in ("synced", "quarantined", "deferred") if k in progress},
         # a known cause is the story: the data-quality reasons of the rows would only distract
         top_errors=[] if causes else Counter(progress.get("reasons", {})).most_common(top),
@@ -223,3 +229,22 @@ def summary_table(results: Sequence[Mapping[str, Any]], reasons: int = 3) -> str
         "  ".join(cell.rjust(width) for cell, width in zip(line, widths, strict=True))
         for line in (header, *rows)
     )
+
+
+def changed_assets(results: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The Asset URI of every location whose contacts the run created or updated."""
+    return [
+        f"growthhub://{r['location_id']}/contacts" for r in results if r.get("created") or r.get("updated")
+    ]
+
+
+def fleet_report(finalized: Mapping[str, Any]) -> str:
+    """The report task's log: the table per location, a total line, the quiet and failed locations."""
+    total = {"location": "TOTAL", **finalized["total"]}
+    lines = [
+        summary_table([*finalized["results"], total]),
+        f"{len(finalized['results'])} location(s) with work, {finalized['quiet']} quiet",
+    ]
+    if finalized["failed"]:
+        lines.append(f"failed: {', '.join(finalized['failed'])}")
+    return "\n".join(lines)

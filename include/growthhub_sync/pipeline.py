@@ -34,22 +34,28 @@ __all__ = [
     "OUTCOMES",
     "SyncInvariantError",
     "SyncOptions",
+    "data_docs",
     "finalize_run",
     "plan_sync",
+    "prepare",
     "replay_quarantine",
+    "start_run",
     "sync",
     "sync_batch",
+    "sync_window",
 ]
 
 
-def _prepare(config: SyncConfig, engine: Engine) -> state.StateTables:
+def prepare(config: SyncConfig, engine: Engine) -> state.StateTables:
+    """Check the config against the table and create the state tables: a run starts on a checked setup."""
     validate_source_columns(config, engine)
     tables = state.state_tables(config.state)
     state.ensure_state(engine, tables)
     return tables
 
 
-def _window(window: Window | Mapping[str, Any] | None, full_refresh: bool) -> Window:
+def sync_window(window: Window | Mapping[str, Any] | None, full_refresh: bool) -> Window:
+    """The run's window; a full refresh has none."""
     if full_refresh or window is None:
         return Window()
     return window if isinstance(window, Window) else Window.from_dict(window)
@@ -77,16 +83,16 @@ def plan_sync(
     o = options or SyncOptions()
     loc = config.location(location)
     eng = get_engine(config, engine)
-    tables = _prepare(config, eng)
+    tables = prepare(config, eng)
     if check_connection and not o.dry_run:
         require_connection(loc)
         check_access(loc)
-    win = _window(window, o.full_refresh)
+    win = sync_window(window, o.full_refresh)
     source = Source(config, loc, tables, eng.dialect.name)
     with eng.connect() as conn:
         total, ranges = plan_key_ranges(conn, source, win, batch_rows or config.batch_size)
     if not o.dry_run:
-        _start_run(eng, tables, loc, win, o)
+        start_run(eng, tables, loc, win, o)
     log.info("plan %s: %d rows in %d batches for window %s", loc.name, total, len(ranges), win.as_dict())
     return {
         "location": loc.name,
@@ -96,7 +102,7 @@ def plan_sync(
     }
 
 
-def _start_run(
+def start_run(
     eng: Engine, tables: state.StateTables, loc: LocationConfig, win: Window, o: SyncOptions
 ) -> None:
     """The run row, ``running`` until finalize writes its counts (a retried plan keeps the first,
@@ -143,11 +149,13 @@ def sync_batch(
     eng = get_engine(config, engine)
     kr = key_range if isinstance(key_range, KeyRange) else KeyRange.from_dict(key_range)
     runner = BatchRunner(config, loc, eng, o, upserter)
-    fingerprint = None if upserter is not None or o.dry_run else failures.credentials_fingerprint(loc.conn_id)
+    fingerprint = None
+    if upserter is None and not o.dry_run:
+        fingerprint = failures.credentials_fingerprint(loc.conn_id, loc.location_id)
     if fingerprint is not None:
         guard = failures.CredentialsGuard(eng, runner.tables, o.run_id, loc.name, fingerprint)
         runner.before_chunk = guard.check
-    summary = runner.run_range(_window(window, o.full_refresh), kr)
+    summary = runner.run_range(sync_window(window, o.full_refresh), kr)
     log.info("batch %s %s: %s", loc.name, kr.as_dict(), summary.counts_line())
     return summary.as_dict()
 
@@ -180,14 +188,14 @@ def finalize_run(
     eng = get_engine(config, engine)
     tables = state.state_tables(config.state)
     state.ensure_state(eng, tables)
-    win = _window(window, o.full_refresh)
+    win = sync_window(window, o.full_refresh)
     leftovers = None if o.dry_run or error else _settle_leftovers(config, loc, eng, o, upserter)
     total, n = Summary(max_samples=o.samples), 0
     for b in batches:
         total.add(b)
         n += 1
     status = "failed" if error or not total.invariant_ok else "success"
-    docs = _data_docs(config, loc, o) if build_docs and o.keep_results and total.checked else None
+    docs = data_docs(config, o, loc.name) if build_docs and o.keep_results and total.checked else None
     details = {**total.as_dict(), "reject_rate": total.reject_rate, "data_docs": docs, "error": error}
     if leftovers is not None and leftovers.extracted:
         details["leftovers"] = {**leftovers.outcome_counts(), "displaced": leftovers.displaced}
@@ -255,14 +263,14 @@ def _run_row(
     }
 
 
-def _data_docs(config: SyncConfig, loc: LocationConfig, o: SyncOptions) -> str | None:
-    """Render this run's validation results; Data Docs are a report: never fail a sync over them."""
+def data_docs(config: SyncConfig, o: SyncOptions, *locations: str) -> str | None:
+    """Render the validation results of this run's ``locations`` (or all its locations) in one go;
+    Data Docs are a report: never fail a sync over them."""
     try:
         checker = checker_for(config, tuple(check_columns(config)), True)
-        locations = [x.name for x in config.locations]
-        return checker.build_data_docs(
-            gx_run_name(o.run_id, loc.name) + "__", lambda name: describe_gx_run(name, locations)
-        )
+        named = [*locations, *(x.name for x in config.locations)]
+        prefix = gx_run_name(o.run_id, *locations) + "__"
+        return checker.build_data_docs(prefix, lambda name: describe_gx_run(name, named))
     except Exception as exc:
         log.warning("Data Docs not rendered: %s", exc)
         return None
@@ -331,7 +339,7 @@ def replay_quarantine(
     o = options or SyncOptions(run_id=f"replay__{started.isoformat()}")
     loc = config.location(location)
     eng = get_engine(config, engine)
-    _prepare(config, eng)
+    prepare(config, eng)
     runner = BatchRunner(config, loc, eng, o, upserter)
     runner.recheck = True
     with eng.connect() as conn:

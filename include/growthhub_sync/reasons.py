@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 NO_IDENTITY = "no_identity"
 DND_INVALID = "dnd_invalid"
 DUPLICATE_IDENTITY = "duplicate_identity"
+LOCATION_NOT_INSTALLED = "location_not_installed"
+LOCATION_UNKNOWN = "location_unknown"
+LOCATION_MISSING = "location_missing"
 
 REASONS: dict[str, str] = {
     NO_IDENTITY: "neither an email nor a phone given",
@@ -30,6 +33,9 @@ REASONS: dict[str, str] = {
     "gender_invalid": "gender not one of quality.genders",
     DND_INVALID: "dnd status not one GrowthHub accepts",
     DUPLICATE_IDENTITY: "email or phone taken by a newer row",
+    LOCATION_NOT_INSTALLED: "the row's location is not installed for the agency",
+    LOCATION_UNKNOWN: "the row's location id is none of the agency's locations",
+    LOCATION_MISSING: "the row names no location (NULL or blank)",
     "api_400": "GrowthHub refused the request (400)",
     "api_422": "GrowthHub refused a field (422)",
 }

@@ -139,44 +139,52 @@ def test_sync_dag_params(parsed: Parsed) -> None:
     assert params["lookback_minutes"] == 0
 
 
-def test_sync_dag_locations_param_accepts_only_configured_names(parsed: Parsed) -> None:
+def test_sync_dag_locations_param_is_free_form(parsed: Parsed) -> None:
+    # names or ids of discovered locations too: the plan checks them, parsing knows none
     spec = _dag(parsed, SYNC_DAG_ID).params.get_param("locations").schema
-    assert spec["items"]["enum"] == [loc["name"] for loc in TWO_LOCATIONS]
+    assert spec["items"] == {"type": "string"}
 
 
-@pytest.mark.parametrize("location", TWO_LOCATIONS, ids=lambda loc: loc["name"])
-def test_sync_dag_has_plan_sync_finalize_per_location(parsed: Parsed, location: dict[str, Any]) -> None:
+def test_sync_dag_is_plan_sync_finalize_publish_report(parsed: Parsed) -> None:
     dag = _dag(parsed, SYNC_DAG_ID)
-    group = f"location_{location['name']}"
-    for step in ("plan", "sync", "finalize", "publish"):
-        assert f"{group}.{step}" in dag.task_ids
-    assert dag.get_task(f"{group}.plan").downstream_task_ids == {f"{group}.sync"}
-    assert dag.get_task(f"{group}.sync").downstream_task_ids == {f"{group}.finalize"}
-    assert dag.get_task(f"{group}.finalize").downstream_task_ids == {"report", f"{group}.publish"}
+    assert set(dag.task_ids) == {"plan", "sync", "finalize", "publish", "report"}
+    assert dag.get_task("plan").downstream_task_ids == {"sync", "finalize"}
+    assert dag.get_task("sync").downstream_task_ids == {"finalize"}
+    assert dag.get_task("finalize").downstream_task_ids == {"publish", "report"}
 
 
-@pytest.mark.parametrize("location", TWO_LOCATIONS, ids=lambda loc: loc["name"])
-def test_sync_tasks_use_the_location_pool(parsed: Parsed, location: dict[str, Any]) -> None:
-    task = _dag(parsed, SYNC_DAG_ID).get_task(f"location_{location['name']}.sync")
-    assert task.pool == f"growthhub_{location['location_id']}"
-
-
-@pytest.mark.parametrize("location", TWO_LOCATIONS, ids=lambda loc: loc["name"])
-def test_sync_tasks_are_mapped_over_the_plan(parsed: Parsed, location: dict[str, Any]) -> None:
+def test_sync_tasks_are_mapped_over_shards_in_the_api_pool(parsed: Parsed) -> None:
     from airflow.sdk.definitions.mappedoperator import MappedOperator
 
-    task = _dag(parsed, SYNC_DAG_ID).get_task(f"location_{location['name']}.sync")
+    task = _dag(parsed, SYNC_DAG_ID).get_task("sync")
     assert isinstance(task, MappedOperator)
+    assert task.pool == "growthhub_api"
 
 
-def test_only_publish_emits_the_location_asset(parsed: Parsed) -> None:
-    # publish is skipped on a dry run: a task with the outlet emits its event whenever it succeeds
+def test_only_publish_emits_assets_through_the_alias(parsed: Parsed) -> None:
+    # publish is skipped on a dry run; the alias resolves to one Asset per location that changed
+    from airflow.sdk import AssetAlias
+
     dag = _dag(parsed, SYNC_DAG_ID)
-    emitting = {t.task_id: [o.uri for o in t.outlets] for t in dag.tasks if t.outlets}
-    groups = {f"location_{loc['name']}": loc["location_id"] for loc in TWO_LOCATIONS}
-    assert emitting == {f"{g}.publish": [f"growthhub://{lid}/contacts"] for g, lid in groups.items()}
-    for group in groups:
-        assert dag.get_task(f"{group}.publish").upstream_task_ids == {f"{group}.finalize"}
+    emitting = {t.task_id: t.outlets for t in dag.tasks if t.outlets}
+    assert emitting == {"publish": [AssetAlias("growthhub_contacts")]}
+
+
+def test_sync_dag_tasks_do_not_grow_with_locations(
+    monkeypatch: pytest.MonkeyPatch, write_config: Callable[..., Path], dag_parser: ParseDags
+) -> None:
+    many = [{"name": f"loc{i}", "location_id": f"id{i}"} for i in range(300)]
+    parsed = dag_parser(monkeypatch, write_config(locations=many), UNREACHABLE_CONNS)
+    assert len(_dag(parsed, SYNC_DAG_ID).tasks) == 5
+
+
+def test_a_config_routing_locations_by_column_parses(
+    monkeypatch: pytest.MonkeyPatch, write_config: Callable[..., Path], dag_parser: ParseDags
+) -> None:
+    config = write_config(locations={"from_column": "state", "conn_id": "growthhub_agency"})
+    parsed = dag_parser(monkeypatch, config, UNREACHABLE_CONNS)
+    assert parsed.import_errors == {}
+    assert len(_dag(parsed, SYNC_DAG_ID).tasks) == 5
 
 
 @pytest.mark.parametrize("location", TWO_LOCATIONS, ids=lambda loc: loc["name"])

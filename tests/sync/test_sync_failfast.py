@@ -78,7 +78,7 @@ def test_plan_finds_a_bad_token_with_one_request_before_any_batch_sends(
     assert _requests(sandbox, UPSERT) == {}
     (failure,) = _failures(config, warehouse, "r1")
     assert (failure.kind, failure.location, failure.conn_id) == ("connection", "default", "growthhub_default")
-    assert failure.credentials == failures.credentials_fingerprint("growthhub_default")
+    assert failure.credentials == failures.credentials_fingerprint("growthhub_default", "loc1")
     assert "not-the-token" not in json.dumps(failure.__dict__)
 
 
