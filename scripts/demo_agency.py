@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from sqlalchemy import Column, ColumnElement, Engine, MetaData, Table, Text, column, select, update
 
+from growthhub_sandbox.models import DEMO_LOCATION_ID, demo_config
 from growthhub_sandbox.testing import Agency, SandboxAdmin
 from growthhub_sync import state
 from growthhub_sync.config import CONFIG_ENV, DEFAULT_CONFIG_PATH, SyncConfig
@@ -48,8 +49,14 @@ class AgencyDemo:
     @classmethod
     def create(cls, admin: SandboxAdmin, locations: int) -> AgencyDemo:
         """``locations`` installed locations and, after them, one without the app."""
+        # each location like the sandbox's demo location: its users and the lifetime_value custom field
+        like_demo = demo_config().locations[DEMO_LOCATION_ID].model_dump(mode="json", exclude_unset=True)
         agency = admin.create_agency(
-            COMPANY_ID, locations=locations + 1, uninstalled=(locations,), refresh_token=REFRESH_TOKEN
+            COMPANY_ID,
+            locations=locations + 1,
+            uninstalled=(locations,),
+            refresh_token=REFRESH_TOKEN,
+            **like_demo,
         )
         return cls(agency, agency.location_ids[locations])
 

@@ -160,6 +160,10 @@ class TestAgencySetup:
             for name, value in demo.env(sandbox.base_url, demo.agency()).items():
                 monkeypatch.setenv(name, value)
             installed = [loc.id for loc in GrowthHubHook(demo_agency.CONN_ID).installed_locations()]
+            # a location's token is minted, and the location knows the config's custom field
+            location = GrowthHubHook(demo_agency.CONN_ID, location_id=installed[-1])
+            contact = {"email": "ada@example.com", "customFields": [{"key": "lifetime_value", "field_value": 12}]}
+            assert location.upsert_contact(contact).contact_id
 
         assert len(agency.agency.location_ids) == 4
         assert installed == list(agency.installed) == list(agency.agency.location_ids[:3])
