@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pendulum
 from airflow.sdk import Param, dag, get_current_context, task
@@ -15,14 +15,9 @@ from growthhub_sync.orchestration import (
     REPLAY_DAG_ID,
     fails_fast,
     on_run_failure,
-    pool_name,
-    selected_locations,
     summary_table,
 )
 from growthhub_sync.reasons import REASONS
-
-if TYPE_CHECKING:
-    from growthhub_sync.config import LocationConfig
 
 CONFIG = load_config()
 log = logging.getLogger(__name__)
@@ -30,9 +25,12 @@ log = logging.getLogger(__name__)
 DOC = """
 ### GrowthHub quarantine replay
 
-Re-reads open rows of `growthhub_quarantine`, takes the **current** source row of each, checks it
-and sends it again. What now syncs is marked `resolved`; what still fails stays `open` with
-`attempts + 1` and its new reasons; rows deleted from the source are marked `ignored`.
+One task re-reads the open rows of `growthhub_quarantine` of every location (the configured list;
+with `locations.from_column`, every installed location holding some: rows of a location still
+not installed wait), takes the **current** source row of each, checks it and sends it again. What
+now syncs is marked `resolved`; what still fails stays `open` with `attempts + 1` and its new
+reasons; rows deleted from the source are marked `ignored`. A location whose token GrowthHub
+refuses is skipped and named in the run's one alert; the others are replayed.
 
 Use it after fixing rows at the source (bad emails, phones, birth dates...) or after a GrowthHub
 setting changed (a missing custom field, a user). **Params**: `locations` (empty = all), `stage`
@@ -54,8 +52,8 @@ rows), `max_rows` per location, `dry_run`. The README's "Reason codes" table lis
         "locations": Param(
             [],
             type="array",
-            items={"type": "string", "enum": [loc.name for loc in CONFIG.locations]},
-            description="Location names to replay; empty = all.",
+            items={"type": "string"},
+            description="Location names or ids to replay (checked when the run starts); empty = all.",
         ),
         "stage": Param(None, type=["null", "string"], enum=[None, "quality", "api"]),
         "reason": Param(
@@ -77,38 +75,34 @@ rows), `max_rows` per location, `dry_run`. The README's "Reason codes" table lis
     doc_md=DOC,
 )
 def growthhub_quarantine_replay() -> None:
-    @task(retries=0, trigger_rule="none_failed")  # a retry would count the metrics twice
-    def report(results: list[dict[str, Any] | None]) -> None:
-        done = [r for r in results if r]
-        log.info("GrowthHub replay summary\n%s", summary_table(done))
-        report_run(get_current_context(), done, prefix="growthhub.replay")
-
-    report([replay_location(location) for location in CONFIG.locations])
-
-
-def replay_location(location: LocationConfig) -> Any:
-    name = location.name
-
-    @task(task_id=f"replay_{name}", pool=pool_name(location.location_id))
-    @fails_fast(CONFIG, name)
-    def replay(params: dict[str, Any]) -> dict[str, Any] | None:
-        from growthhub_sync.pipeline import SyncOptions, replay_quarantine
+    @task(pool=CONFIG.shards.pool)
+    @fails_fast(CONFIG, None)
+    def replay(params: dict[str, Any]) -> dict[str, Any]:
+        from growthhub_sync.fleet import replay_fleet
+        from growthhub_sync.pipeline import SyncOptions
 
         context = get_current_context()
-        if name not in selected_locations(CONFIG, params["locations"]):
-            return None
         options = SyncOptions(run_id=context["run_id"], dag_id=REPLAY_DAG_ID, dry_run=params["dry_run"])
-        return replay_quarantine(
+        return replay_fleet(
             CONFIG,
-            name,
             options,
+            requested=params["locations"],
+            keys=params["keys"],
             stage=params["stage"],
             reason=params["reason"],
-            keys=params["keys"].get(name, []),
             max_rows=params["max_rows"],
         )
 
-    return replay()
+    @task(retries=0, trigger_rule="none_failed")  # a retry would count the metrics twice
+    def report(replayed: dict[str, Any]) -> None:
+        log.info("GrowthHub replay summary\n%s", summary_table(replayed["results"]))
+        report_run(get_current_context(), replayed["results"], prefix="growthhub.replay")
+        if replayed["failed"]:  # after the note: the run fails, its callback alerts once
+            from airflow.sdk.exceptions import AirflowFailException
+
+            raise AirflowFailException(f"location(s) failed: {', '.join(replayed['failed'])}")
+
+    report(replay())
 
 
 growthhub_quarantine_replay()

@@ -39,6 +39,7 @@ from growthhub_sync.pipeline import (
     data_docs,
     finalize_run,
     prepare,
+    replay_quarantine,
     start_run,
     sync_batch,
     sync_window,
@@ -130,7 +131,7 @@ def plan_fleet(
         work, known = _routed_work(config, eng, tables, win, directory or hook_directory)
     else:
         work, known = _listed_work(config, eng, tables, win)
-    work = _selected(config, work, known, requested)
+    work = {name: work[name] for name in _selected(config, work, known, requested)}
     quiet = len(known - set(work)) if not requested else 0
     size = batch_rows or config.batch_size
     with eng.connect() as conn:
@@ -206,16 +207,18 @@ def _listed_work(
 
 
 def _selected(
-    config: SyncConfig, work: dict[str, _Work], known: set[str], requested: Sequence[str]
-) -> dict[str, _Work]:
-    """The work of the ``requested`` locations (names or ids); names no location has are errors."""
+    config: SyncConfig, names: Iterable[str], known: set[str], requested: Sequence[str]
+) -> list[str]:
+    """The ``requested`` ones of ``names`` (by name or id; empty: all); a request no known location
+    answers to is an error."""
+    names = list(names)
     if not requested:
-        return work
-    ids = {name: config.location(name).location_id for name in {*known, *work}}
+        return names
+    ids = {name: config.location(name).location_id for name in {*known, *names}}
     unknown = sorted(set(requested) - set(ids) - set(ids.values()))
     if unknown:
         raise ConfigError(f"params.locations: unknown location(s) {unknown}; known: {sorted(ids)}")
-    return {name: w for name, w in work.items() if name in requested or ids[name] in requested}
+    return [name for name in names if name in requested or ids[name] in requested]
 
 
 def _items(
@@ -421,3 +424,59 @@ def sync_all(
     plan = plan_fleet(config, window, o, engine=eng, directory=directory, requested=requested)
     shards = [sync_shard(config, plan["window"], s, o, engine=eng, upserter=upserter) for s in plan["shards"]]
     return finalize_fleet(config, plan, shards, o, engine=eng, upserter=upserter)
+
+
+# -- replay --------------------------------------------------------------------------------------
+
+
+def replay_fleet(
+    config: SyncConfig,
+    options: SyncOptions,
+    *,
+    requested: Sequence[str] = (),
+    keys: Mapping[str, Sequence[str]] | None = None,
+    engine: Engine | None = None,
+    upserter: UpserterSource = None,
+    directory: Directory | None = None,
+    **selection: Any,
+) -> dict[str, Any]:
+    """Replay the open quarantine rows of every location (the listed ones; with
+    ``locations.from_column``, every installed location holding some), one after the other.
+
+    ``keys``: location name → source keys; ``selection``: ``stage``, ``reason``, ``max_rows`` of
+    :func:`~growthhub_sync.pipeline.replay_quarantine`. Rows held under a location that is still
+    not installed (or under :data:`~growthhub_sync.config.UNROUTED`) wait: replaying them would
+    send to a location the agency cannot reach. A location refused for good is recorded and the
+    others replayed. Returns ``{"results", "failed", "waiting"}``.
+    """
+    eng = get_engine(config, engine)
+    tables = prepare(config, eng)
+    names = [loc.name for loc in config.locations]
+    waiting: list[str] = []
+    if config.location_routing.from_column:
+        q = tables.quarantine
+        with eng.connect() as conn:
+            held = conn.execute(select(q.c.location).where(q.c.status == "open").distinct()).scalars()
+            names = sorted({*held, *names})
+        listed = (directory or hook_directory)(config.location_routing.conn_id)
+        installed = {d.id for d in listed if d.installed}
+        waiting = [n for n in names if n == UNROUTED or config.location(n).location_id not in installed]
+        names = [n for n in names if n not in waiting]
+    results, failed = [], []
+    for name in _selected(config, names, set(names), requested):
+        try:
+            picked = (keys or {}).get(name, ())
+            out = replay_quarantine(
+                config, name, options, keys=picked, engine=eng, upserter=upserter, **selection
+            )
+            results.append(out)
+        except Exception as exc:
+            failure = failures.failure_of(exc, config.location(name))
+            if failure is None:
+                raise
+            log.warning("%s; the other locations are replayed", failure.headline())
+            failures.record_failure(eng, tables, options.run_id, failure)
+            failed.append(name)
+    if waiting:
+        log.info("not replayed, their location is not installed: %s", ", ".join(waiting))
+    return {"results": results, "failed": failed, "waiting": waiting}

@@ -1,4 +1,4 @@
-"""What the DAG files share: config selection, windows from the run context, pools, alert hooks.
+"""What the DAG files share: windows from the run context, alert hooks, the report's text.
 
 Kept out of ``dags/`` so DAG files stay schedules and this stays testable; cheap to import (no
 GX, no database, no HTTP at import time) because the DAG processor imports it on every parse.
@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from growthhub_sync import failures
 from growthhub_sync.alerts import format_alert, send_alert
-from growthhub_sync.config import ConfigError, SyncConfig, load_config
+from growthhub_sync.config import SyncConfig, load_config
 from growthhub_sync.extract import Window
 from growthhub_sync.outcomes import RUN_COUNTS
 
@@ -37,23 +37,6 @@ DEFAULT_ARGS: dict[str, Any] = {
     "retry_exponential_backoff": True,
     "max_retry_delay": timedelta(minutes=15),
 }
-
-
-def pool_name(location_id: str) -> str:
-    """One Airflow pool per GrowthHub location caps the replay tasks talking to it at once (the
-    sync's shard tasks share ``shards.pool``, one per API host)."""
-    return f"growthhub_{location_id}"
-
-
-def selected_locations(config: SyncConfig, requested: Sequence[str] | None) -> list[str]:
-    """Location names a run works on: the ``locations`` param, or all; unknown names are errors."""
-    known = [loc.name for loc in config.locations]
-    if not requested:
-        return known
-    unknown = sorted(set(requested) - set(known))
-    if unknown:
-        raise ConfigError(f"params.locations: unknown location(s) {unknown}; configured: {known}")
-    return [name for name in known if name in requested]
 
 
 def run_window(context: Mapping[str, Any], lookback_minutes: int) -> dict[str, str | None]:

@@ -187,10 +187,11 @@ def test_a_config_routing_locations_by_column_parses(
     assert len(_dag(parsed, SYNC_DAG_ID).tasks) == 5
 
 
-@pytest.mark.parametrize("location", TWO_LOCATIONS, ids=lambda loc: loc["name"])
-def test_replay_tasks_use_the_location_pool(parsed: Parsed, location: dict[str, Any]) -> None:
-    task = _dag(parsed, REPLAY_DAG_ID).get_task(f"replay_{location['name']}")
-    assert task.pool == f"growthhub_{location['location_id']}"
+def test_replay_dag_is_one_task_in_the_api_pool_then_report(parsed: Parsed) -> None:
+    dag = _dag(parsed, REPLAY_DAG_ID)
+    assert set(dag.task_ids) == {"replay", "report"}
+    assert dag.get_task("replay").pool == "growthhub_api"
+    assert dag.get_task("replay").downstream_task_ids == {"report"}
 
 
 def test_replay_dag_params(parsed: Parsed) -> None:

@@ -35,7 +35,7 @@ from growthhub_sandbox.testing import SandboxAdmin, SandboxProcess, free_port
 from growthhub_sync import state
 from growthhub_sync.config import load_config
 from growthhub_sync.demo import contacts_table, modify_contacts, seed_demo
-from growthhub_sync.orchestration import REPLAY_DAG_ID, SYNC_DAG_ID, pool_name
+from growthhub_sync.orchestration import REPLAY_DAG_ID, SYNC_DAG_ID
 from growthhub_sync.outcomes import RUN_COUNTS
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -90,12 +90,15 @@ def _airflow(args: list[str], env: dict[str, str], log: Path) -> int:
 
 @pytest.fixture(scope="session")
 def airflow_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """An Airflow home with a migrated SQLite metadata DB, the location's pool and the retry policy."""
+    """An Airflow home with a migrated SQLite metadata DB, the API host's pool and the retry policy."""
     home = tmp_path_factory.mktemp("airflow_home")
     (home / "config").mkdir()
     (home / "config" / "airflow_local_settings.py").write_text(LOCAL_SETTINGS)
     env = _airflow_env(home)
-    for args in (["db", "migrate"], ["pools", "set", pool_name(LOCATION_ID), "4", "GrowthHub tests"]):
+    for args in (
+        ["db", "migrate"],
+        ["pools", "set", "growthhub_api", "4", "GrowthHub API host"],
+    ):
         log = home / f"{args[0]}-{args[1]}.log"
         assert _airflow(args, env, log) == 0, log.read_text()[-3000:]
     return home
@@ -159,7 +162,8 @@ class Harness:
             },
         }
         for key, value in changes.items():
-            base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
+            merge = isinstance(value, dict) and isinstance(base.get(key), dict)
+            base[key] = {**base[key], **value} if merge else value
         data = make_config_data(**base)
         self.config_path.write_text(yaml.safe_dump(data), encoding="utf-8")
 
@@ -245,6 +249,15 @@ class Harness:
             run_id=run.run_id,
         )
         return rows[0][0] if rows else None
+
+    def task_instances(self, run: Run) -> dict[str, int]:
+        rows = self._metadata(
+            "SELECT task_id, count(*) FROM task_instance WHERE dag_id = :dag_id AND run_id = :run_id"
+            " GROUP BY task_id",
+            dag_id=run.dag_id,
+            run_id=run.run_id,
+        )
+        return dict(rows)  # type: ignore[arg-type]
 
     def asset_events(self, run: Run) -> list[str]:
         rows = self._metadata(
@@ -576,3 +589,112 @@ def test_run_note_asset_event_and_metrics_show_what_the_run_recorded(
     assert f"airflow.growthhub.sync.rows.default.created:{row['created']}|c" in lines
     assert f"airflow.growthhub.sync.reasons.default.{reason}:{n}|c" in lines
     assert any(line.startswith("airflow.growthhub.sync.duration.default:") for line in lines)
+
+
+# --- (7) an agency: 50 locations from a column, one run --------------------------------------
+
+AGENCY_CONN = "growthhub_agency"
+UNLIMITED = {"burst": 1_000_000, "intervalMs": 10_000, "daily": 1_000_000}
+
+
+def _route_rows(h: Harness, values: list[str | None]) -> dict[str, str | None]:
+    """Add the ``location_id`` column; row i (by key) names ``values[i % len(values)]``."""
+    tbl = contacts_table(h.schema)
+    with h.engine.begin() as conn:
+        conn.execute(text(f'ALTER TABLE "{h.schema}".crm_contacts ADD COLUMN location_id TEXT'))
+        keys = list(conn.execute(select(tbl.c.id).order_by(tbl.c.id)).scalars())
+        routed = {k: values[i % len(values)] for i, k in enumerate(keys)}
+        for key, value in routed.items():
+            conn.execute(
+                text(f'UPDATE "{h.schema}".crm_contacts SET location_id = :v WHERE id = :k'),
+                {"v": value, "k": key},
+            )
+    return routed
+
+
+def test_an_agency_run_syncs_50_locations_from_a_column_in_a_few_tasks(
+    harness: Harness, make_config_data: Callable[..., Any]
+) -> None:
+    agency = harness.sandbox.create_agency("acme", locations=49, uninstalled=[48], rateLimit=UNLIMITED)
+    installed, uninstalled = list(agency.location_ids[:48]), agency.location_ids[48]
+    values: list[str | None] = [*installed, uninstalled, "loc-unknown", None]
+    harness.write_config(make_config_data, locations={"from_column": "location_id", "conn_id": AGENCY_CONN})
+    harness.seed(51 * 4, span=timedelta(minutes=50))
+    routed = _route_rows(harness, values)
+    conn = {
+        "conn_type": "growthhub",
+        "host": harness.base_url,
+        "password": agency.token,
+        "extra": {
+            "location_id": "",
+            "company_id": agency.company_id,
+            "app_id": agency.app_id,
+            "client_id": agency.client_id,
+            "client_secret": agency.client_secret,
+            "refresh_token_file": str(harness.tmp / "agency-tokens.json"),
+            "timeout": 10,
+        },
+    }
+
+    run = harness.run(
+        SYNC_DAG_ID,
+        T0 + timedelta(hours=1),
+        env_extra={f"AIRFLOW_CONN_{AGENCY_CONN.upper()}": json.dumps(conn)},
+    )
+
+    assert run.state == "success", run.tail()
+    instances = harness.task_instances(run)
+    assert sum(instances.values()) <= 20, instances
+    assert set(instances) == {"plan", "sync", "finalize", "publish", "report"}
+    ledger = harness.rows("ledger")
+    for location_id in installed:
+        synced = {r["source_key"] for r in ledger if r["location"] == location_id}
+        assert synced <= {k for k, v in routed.items() if v == location_id}
+        assert len(harness.sandbox.contacts(location_id)) == len(synced)
+    assert harness.sandbox.contacts(uninstalled) == []
+    held = {(r["location"], r["reason_codes"]) for r in harness.rows("quarantine") if r["source_key"]}
+    assert {
+        (uninstalled, "location_not_installed"),
+        ("loc-unknown", "location_unknown"),
+        ("_unrouted", "location_missing"),
+    } <= held
+    runs = {r["location"]: r for r in harness.rows("runs")}
+    assert set(runs) == {*installed, uninstalled, "loc-unknown", "_unrouted"}
+    assert runs[uninstalled]["quarantined"] == sum(v == uninstalled for v in routed.values())
+    assert sorted(harness.asset_events(run)) == sorted(
+        f"growthhub://{lid}/contacts" for lid in installed if runs[lid]["created"]
+    )
+    assert harness.upserts().get("200") == sum(runs[lid]["created"] for lid in installed)
+
+
+def test_one_location_refused_fails_the_run_with_one_alert_naming_it_while_the_others_sync(
+    harness: Harness, make_config_data: Callable[..., Any]
+) -> None:
+    locations = [
+        {"name": "default", "location_id": LOCATION_ID, "conn_id": "growthhub_default"},
+        {"name": "east", "location_id": "loc-east", "conn_id": "growthhub_east"},
+    ]
+    harness.write_config(make_config_data, locations=locations)
+    harness.seed(40, span=timedelta(minutes=50))
+    east = {
+        "conn_type": "growthhub",
+        "host": harness.base_url,
+        "password": "revoked",
+        "extra": {"timeout": 10},
+    }
+
+    run = harness.run(
+        SYNC_DAG_ID, T0 + timedelta(hours=1), env_extra={"AIRFLOW_CONN_GROWTHHUB_EAST": json.dumps(east)}
+    )
+
+    assert run.state == "failed", run.tail()
+    assert len(harness.sandbox.contacts(LOCATION_ID)) == 40, "the other location synced"
+    runs = {r["location"]: r for r in harness.rows("runs")}
+    assert (runs["default"]["status"], runs["default"]["created"]) == ("success", 40)
+    assert runs["east"]["status"] == "failed"
+    (note,) = harness.notifications()
+    assert note["text"].splitlines()[0] == (
+        "GrowthHub sync: GrowthHub rejected the token (401) for location east: "
+        "fix connection growthhub_east, then clear the failed tasks"
+    )
+    assert "locations: east" in note["text"]

@@ -45,8 +45,9 @@ from cryptography.fernet import Fernet
 from sqlalchemy import create_engine, text
 
 from growthhub_sandbox.testing import SandboxAdmin, SandboxProcess, free_port
+from growthhub_sync.config import ShardsConfig
 from growthhub_sync.demo import create_demo_table
-from growthhub_sync.orchestration import SYNC_DAG_ID, pool_name
+from growthhub_sync.orchestration import SYNC_DAG_ID
 
 if TYPE_CHECKING:
     from conftest import AirflowStack
@@ -190,7 +191,7 @@ class CeleryStack:
 
     @property
     def pool(self) -> str:
-        return pool_name(self.location_id)
+        return ShardsConfig().pool
 
     def write_config(self, data: dict[str, Any]) -> None:
         self.airflow.config_path.write_text(yaml.safe_dump(data))

@@ -38,9 +38,9 @@ from sqlalchemy.engine import Engine
 
 from growthhub_sandbox.testing import SandboxProcess, free_port
 from growthhub_sync import state
-from growthhub_sync.config import SyncConfig, load_config, parse_config
+from growthhub_sync.config import ShardsConfig, SyncConfig, load_config, parse_config
 from growthhub_sync.demo import create_demo_table, insert_rows
-from growthhub_sync.orchestration import SYNC_DAG_ID, pool_name
+from growthhub_sync.orchestration import SYNC_DAG_ID
 
 PG_SERVER = os.environ.get("GROWTHHUB_TEST_PG_URL", "postgresql+psycopg2://postgres@127.0.0.1:5432/test")
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
@@ -381,7 +381,7 @@ def _run_airflow(
     request.config.stash[STACK] = stack
     try:
         stack.cli("db", "migrate", timeout=180)
-        stack.cli("pools", "set", pool_name(LOCATION_ID), str(POOL_SLOTS), "GrowthHub e2e location")
+        stack.cli("pools", "set", ShardsConfig().pool, str(POOL_SLOTS), "GrowthHub e2e API host")
         stack.start("api-server", "api-server", "--host", "127.0.0.1", "--port", str(api_port))
         stack.start("scheduler", "scheduler")
         stack.start("dag-processor", "dag-processor")

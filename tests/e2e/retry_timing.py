@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 
 from growthhub_sync.orchestration import SYNC_DAG_ID
 
-SYNC_TASK = "location_default.sync"
+SYNC_TASK = "sync"
 
 
 def retry_jitter_s(logical_date: datetime) -> int:

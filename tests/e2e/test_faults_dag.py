@@ -51,9 +51,9 @@ from sqlalchemy import create_engine, func, select, text
 
 from growthhub_sandbox.testing import SandboxAdmin
 from growthhub_sync import state
-from growthhub_sync.config import SyncConfig, parse_config
+from growthhub_sync.config import ShardsConfig, SyncConfig, parse_config
 from growthhub_sync.demo import seed_demo
-from growthhub_sync.orchestration import SYNC_DAG_ID, pool_name
+from growthhub_sync.orchestration import SYNC_DAG_ID
 from growthhub_sync.outcomes import OUTCOMES
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "reliability"))
@@ -77,14 +77,14 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROWS = int(os.environ.get("RELIABILITY_DAG_ROWS", "100000"))
 LOCATION_ID = "demo-location"  # conftest: the config's only location; its pool and Asset stay the same
 TOKEN = "sandbox-demo-token"  # conftest: the token of the growthhub_* connections
-POOL = pool_name(LOCATION_ID)
+POOL = ShardsConfig().pool
 CONN_ID = "growthhub_faults"  # conftest._growthhub_faults_conn: timeout 1.5 s, 128 workers
 BATCHES = int(os.environ.get("FAULTS_DAG_BATCHES", "2"))
 """Mapped sync tasks of the first run: ``batch_size`` is ROWS / BATCHES (+1: no empty last range)."""
 MAX_RUNS = 5
 """The first run and at most 4 more while rows are left deferred."""
 RUN_TIMEOUT_S = 900
-SYNC_TASK = "location_default.sync"
+SYNC_TASK = "sync"
 FAULTS: dict[str, Any] = {
     "seed": 20261126,
     "error_rate": 0.10,

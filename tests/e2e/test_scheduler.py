@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import yaml
 
+from growthhub_sync.config import ShardsConfig
 from growthhub_sync.demo import COLUMNS, generate
-from growthhub_sync.orchestration import SYNC_DAG_ID, pool_name
+from growthhub_sync.orchestration import SYNC_DAG_ID
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -30,8 +31,8 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 LOCATION_ID = "demo-location"  # conftest: the sandbox's startup location, the config's only one
-POOL = pool_name(LOCATION_ID)  # conftest gives it 2 slots; the executor has 4 (core.parallelism)
-SYNC_TASK = "location_default.sync"
+POOL = ShardsConfig().pool  # conftest gives it 2 slots; the executor has 4 (core.parallelism)
+SYNC_TASK = "sync"
 HOUR = timedelta(hours=1)
 
 
@@ -119,9 +120,9 @@ def test_scheduled_run_syncs_its_interval_in_pooled_batches_running_in_parallel_
     inside = seeded[interval[0]]
     tis = airflow_stack.task_instances(run["run_id"])
     assert {t["task_id"]: t["state"] for t in tis if t["task_id"] != SYNC_TASK} == {
-        "location_default.plan": "success",
-        "location_default.finalize": "success",
-        "location_default.publish": "success",
+        "plan": "success",
+        "finalize": "success",
+        "publish": "success",
         "report": "success",
     }
     syncs = [t for t in tis if t["task_id"] == SYNC_TASK]
@@ -224,7 +225,7 @@ def test_wrong_token_fails_the_run_fast_with_one_alert_naming_the_401(
     assert run["state"] == "failed"
     took_s = (run["end_date"] - run["start_date"]).total_seconds()
     assert took_s < 90, took_s
-    plan = {t["task_id"]: t for t in airflow_stack.task_instances(run_id)}["location_default.plan"]
+    plan = {t["task_id"]: t for t in airflow_stack.task_instances(run_id)}["plan"]
     assert (plan["state"], plan["try_number"]) == ("failed", 1), "failed at once, not retried"
     assert upserts(sandbox).get("401", 0) <= 3, "bad-token upserts of every run of this test"
     mine = _alerts_of(alerts, run_id, wait_s=60)

@@ -2,7 +2,7 @@
 undisturbed run ends.
 
 ``tests/reliability/test_crash.py`` kills the CLI; this kills the process running a mapped
-``location_default.sync`` task instance of ``growthhub_contact_sync`` (scheduler + LocalExecutor
+``sync`` task instance of ``growthhub_contact_sync`` (scheduler + LocalExecutor
 + PostgreSQL metadata DB, ``airflow_stack``) and lets Airflow's own retry (the DAG's
 ``DEFAULT_ARGS``: retries 3, 1 min exponential) finish the batch.
 
@@ -288,9 +288,9 @@ def test_sync_task_process_sigkilled_mid_batch_is_retried_by_airflow_and_converg
         if t["task_id"] != SYNC_TASK
     }
     assert others == {
-        "location_default.plan": ("success", 1),
-        "location_default.finalize": ("success", 1),
-        "location_default.publish": ("success", 1),
+        "plan": ("success", 1),
+        "finalize": ("success", 1),
+        "publish": ("success", 1),
         "report": ("success", 1),
     }
     history = airflow_stack.query(

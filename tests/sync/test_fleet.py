@@ -18,7 +18,7 @@ from growthhub_provider.client import GrowthHubAuthError, UpsertOutcome
 from growthhub_sync import failures, state
 from growthhub_sync.config import UNROUTED, ConfigError, LocationConfig, SyncConfig, validate_source_columns
 from growthhub_sync.demo import contacts_table, seed_demo
-from growthhub_sync.fleet import KnownLocation, pack_shards, plan_fleet, sync_all
+from growthhub_sync.fleet import KnownLocation, pack_shards, plan_fleet, replay_fleet, sync_all
 from growthhub_sync.pipeline import SyncOptions
 from growthhub_sync.testing import Warehouse
 
@@ -267,3 +267,28 @@ def test_from_column_must_be_a_real_column(fleet_config: SyncConfig, warehouse: 
     data["locations"] = {"from_column": "no_such_column"}
     with pytest.raises(ConfigError, match=r"locations\.from_column: column 'no_such_column'"):
         validate_source_columns(SyncConfig.model_validate(data), warehouse.engine)
+
+
+def test_replay_resends_rows_of_installed_locations_and_leaves_unroutable_ones_waiting(
+    warehouse: Warehouse, fleet_config: SyncConfig
+) -> None:
+    routed = _routed(warehouse, VALUES)
+    refused = sorted(k for k, v in routed.items() if v == "loc_a")[0]
+    crm = Fleet()
+    crm.crms["loc_a"] = FakeCRM(reject={refused: ["the CRM refused it"]})
+    _sync(fleet_config, warehouse, "r1", crm)
+    assert ("loc_a", refused, "api_422", 1) in _open_quarantine(fleet_config, warehouse)
+    crm.crms["loc_a"].reject.clear()  # fixed at GrowthHub
+
+    out = replay_fleet(
+        fleet_config,
+        SyncOptions(run_id="replay1"),
+        engine=warehouse.engine,
+        upserter=crm,
+        directory=_directory,
+    )
+
+    assert sorted(out["waiting"]) == sorted([UNROUTED, "loc_gone", "loc_zzz"])
+    assert [(r["location"], r["selected"], r["created"]) for r in out["results"]] == [("loc_a", 1, 1)]
+    assert refused not in {key for _, key, _, _ in _open_quarantine(fleet_config, warehouse)}
+    assert {loc for loc, *_ in _open_quarantine(fleet_config, warehouse)} == {UNROUTED, "loc_gone", "loc_zzz"}
