@@ -162,7 +162,8 @@ class TestAgencySetup:
             installed = [loc.id for loc in GrowthHubHook(demo_agency.CONN_ID).installed_locations()]
             # a location's token is minted, and the location knows the config's custom field
             location = GrowthHubHook(demo_agency.CONN_ID, location_id=installed[-1])
-            contact = {"email": "ada@example.com", "customFields": [{"key": "lifetime_value", "field_value": 12}]}
+            lifetime_value = {"key": "lifetime_value", "field_value": 12}
+            contact = {"email": "ada@example.com", "customFields": [lifetime_value]}
             assert location.upsert_contact(contact).contact_id
 
         assert len(agency.agency.location_ids) == 4
@@ -271,6 +272,38 @@ class TestMakeDemo:
         password = json.loads((demo.home / "simple_auth_manager_passwords.json").read_text())["admin"]
         assert "make ui" in demo.output
         assert f"http://127.0.0.1:{demo.port}  (login admin / {password};" in demo.output
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_agency_demo_prints_each_run_per_location(tmp_path: Path) -> None:
+    args = ["--workdir", str(tmp_path), "--port", str(free_port()), "--rows", "300", "--locations", "3"]
+    done = subprocess.run(
+        [sys.executable, str(DEMO), *args],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    agency = json.loads((tmp_path / "var" / "demo" / "agency.json").read_text())
+    *installed, uninstalled = agency["location_ids"]
+    with sqlite3.connect(tmp_path / "var" / "demo" / "warehouse.db") as conn:
+        query = "SELECT run_id, location, extracted, quarantined FROM growthhub_sync_runs"
+        runs = conn.execute(query).fetchall()
+    initial_load = [row for row in runs if row[0] == "demo_initial_load"]
+    first = {location: (extracted, quarantined) for _, location, extracted, quarantined in initial_load}
+    # row n goes to location n % 4; the last 5 rows name an unknown id
+    assert first.keys() == {*installed, uninstalled, "demo-agency-loc-unknown"}
+    assert (first[uninstalled], first["demo-agency-loc-unknown"]) == ((73, 73), (5, 5))
+    assert sum(extracted for extracted, _ in first.values()) == 300
+    # the hourly edits are all in the first location: the other two are quiet and have no run row
+    assert [location for run, location, *_ in runs if run == "demo_hourly"] == installed[:1]
+    assert "quiet (installed, no rows in the run's window): 0 of 3" in done.stdout
+    assert "quiet (installed, no rows in the run's window): 2 of 3" in done.stdout
+    assert f"quarantined for their location: 73 rows of the uninstalled {uninstalled}" in done.stdout
+    assert "contacts in the agency's 3 installed locations" in done.stdout
 
 
 @pytest.mark.integration
