@@ -19,7 +19,14 @@ from growthhub_sync.fields import (
     reason_codes,
 )
 from growthhub_sync.mapping import Mapper
-from growthhub_sync.reasons import DUPLICATE_IDENTITY, REASONS, api_code
+from growthhub_sync.reasons import (
+    DUPLICATE_IDENTITY,
+    LOCATION_MISSING,
+    LOCATION_NOT_INSTALLED,
+    LOCATION_UNKNOWN,
+    REASONS,
+    api_code,
+)
 
 VALID: dict[str, Any] = {
     "email": "ann@example.com",
@@ -116,7 +123,9 @@ def test_every_check_has_a_registered_reason_code() -> None:
     assert set(CODE_OF_CHECK) == set(CHECKS)
     assert [f.key for f in FIELDS if f.check and not f.code] == []
     # and every registered code is one a row can get
-    assert set(REASONS) == {*CODE_OF_CHECK.values(), DUPLICATE_IDENTITY, api_code(400), api_code(422)}
+    unroutable = {LOCATION_MISSING, LOCATION_NOT_INSTALLED, LOCATION_UNKNOWN}  # the fleet's rows
+    api = {api_code(400), api_code(422)}
+    assert set(REASONS) == {*CODE_OF_CHECK.values(), DUPLICATE_IDENTITY, *api, *unroutable}
 
 
 @pytest.mark.parametrize(
