@@ -38,8 +38,9 @@ test-fast: venv postgres redis
 	GROWTHHUB_TEST_PG_URL=$(PG_URL) $(PYTEST) -m "not slow"
 
 # The embedded default: SQLite warehouse + SQLite Airflow metadata DB + the sandbox; no services needed.
+# LOCATIONS=20: the same as an agency whose table feeds 20 locations (plus an uninstalled one).
 demo: venv
-	$(PY) scripts/demo.py --port $(UI_PORT)
+	$(PY) scripts/demo.py --port $(UI_PORT)$(if $(LOCATIONS), --locations $(LOCATIONS))
 
 # The Airflow UI on the demo's home (its runs, logs, notes, the GrowthHub page) until Ctrl-C.
 ui: venv

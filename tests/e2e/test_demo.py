@@ -2,7 +2,7 @@
 
 The demo runs once per module, small (``--rows``), in a temporary work dir; the tests read what it
 left: the home's ``airflow.cfg`` as Airflow resolves it, the metadata DB, the task logs; then ``ui``
-serves that home.
+serves that home. The agency demo's setup (``--locations``) is tested on its own, against the sandbox.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import types
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -22,8 +23,12 @@ from typing import Any
 
 import pytest
 import requests
+from sqlalchemy import column, create_engine, select
 
-from growthhub_sandbox.testing import free_port
+from growthhub_provider.hooks.growthhub import GrowthHubHook
+from growthhub_sandbox.testing import SandboxAdmin, SandboxProcess, free_port
+from growthhub_sync.config import load_config
+from growthhub_sync.demo import contacts_table, seed_demo
 from growthhub_sync.orchestration import SYNC_DAG_ID
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,9 +36,11 @@ DEMO = ROOT / "scripts" / "demo.py"
 RUNS = ["demo_hourly", "demo_initial_load"]
 
 
-def _demo_airflow() -> Any:
-    """scripts/demo_airflow.py, imported from its file (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("demo_airflow", ROOT / "scripts" / "demo_airflow.py")
+def _script(name: str) -> types.ModuleType:
+    """scripts/<name>.py, imported from its file (scripts/ is not a package)."""
+    if str(ROOT / "scripts") not in sys.path:
+        sys.path.insert(0, str(ROOT / "scripts"))  # for the scripts' imports of each other
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     assert spec is not None
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -87,7 +94,7 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> DemoResult:
 
 class TestDemoHome:
     def test_reset_writes_a_fresh_config_and_keeps_the_login_private_and_stable(self, tmp_path: Path) -> None:
-        demo_airflow = _demo_airflow()
+        demo_airflow = _script("demo_airflow")
         home = demo_airflow.DemoHome(tmp_path / ".airflow", ROOT)
         home.reset(8123)
         password = home.password()
@@ -117,6 +124,13 @@ class TestMakeTargets:
         commands = [line for line in done.stdout.splitlines() if "scripts/demo.py" in line]
         assert [c.split("scripts/demo.py", 1)[1] for c in commands] == [" --port 8123", " ui --port 8123"]
 
+    def test_locations_make_the_demo_an_agency(self) -> None:
+        done = subprocess.run(
+            ["make", "-n", "demo", "UI_PORT=8123", "LOCATIONS=20"], cwd=ROOT, capture_output=True, text=True
+        )
+        commands = [line for line in done.stdout.splitlines() if "scripts/demo.py" in line]
+        assert [c.split("scripts/demo.py", 1)[1] for c in commands] == [" --port 8123 --locations 20"]
+
     def test_ui_without_a_demo_home_says_to_run_the_demo_first(self, tmp_path: Path) -> None:
         done = subprocess.run(
             [sys.executable, str(DEMO), "ui", "--workdir", str(tmp_path), "--port", str(free_port())],
@@ -127,6 +141,55 @@ class TestMakeTargets:
             check=False,
         )
         assert (done.returncode, done.stderr.strip()) == (1, "No demo home yet: run `make demo` first.")
+
+
+class TestAgencySetup:
+    """What ``--locations`` sets up before Airflow starts: the sandbox's agency, the table, the config."""
+
+    def test_rows_spread_over_the_agency_and_airflow_reaches_it_through_the_demos_config(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        demo_agency, demo_script = _script("demo_agency"), _script("demo")
+        demo = demo_script.Demo(tmp_path)
+        demo.var.mkdir(parents=True)
+        engine = create_engine(f"sqlite:///{demo.warehouse}")
+        seed_demo(engine, 300)
+        monkeypatch.setenv("AIRFLOW_HOME", str(demo.home.path))  # the agency's token state goes there
+        with SandboxProcess() as sandbox:
+            agency = demo_script._agency(demo, SandboxAdmin(sandbox.base_url), engine, 3)
+            for name, value in demo.env(sandbox.base_url, demo.agency()).items():
+                monkeypatch.setenv(name, value)
+            installed = [loc.id for loc in GrowthHubHook(demo_agency.CONN_ID).installed_locations()]
+            # a location's token is minted, and the location knows the config's custom field
+            location = GrowthHubHook(demo_agency.CONN_ID, location_id=installed[-1])
+            lifetime_value = {"key": "lifetime_value", "field_value": 12}
+            contact = {"email": "ada@example.com", "customFields": [lifetime_value]}
+            assert location.upsert_contact(contact).contact_id
+
+        assert len(agency.agency.location_ids) == 4
+        assert installed == list(agency.installed) == list(agency.agency.location_ids[:3])
+        assert demo.agency() == agency  # what `make ui` serves again
+        table = contacts_table()
+        location = column(demo_agency.LOCATION_COLUMN)
+        with engine.connect() as conn:
+            located = dict(conn.execute(select(table.c.id, location).select_from(table)).all())
+            edited_rows = select(location).select_from(table).where(agency.edited_rows())
+            edited = set(conn.execute(edited_rows).scalars())
+        assert len(located) == 300
+        assert set(located.values()) == {*agency.agency.location_ids, demo_agency.UNKNOWN_LOCATION}
+        unknown = sorted(key for key, loc in located.items() if loc == demo_agency.UNKNOWN_LOCATION)
+        assert unknown == [f"C{i:08d}" for i in range(295, 300)]
+        assert edited == {agency.installed[0]}  # the hourly edits leave the other locations quiet
+
+        config = load_config()  # GROWTHHUB_SYNC_CONFIG: the demo's own
+        shipped = load_config(demo_agency.DEFAULT_CONFIG_PATH)
+        assert os.environ["GROWTHHUB_SYNC_CONFIG"] == str(demo.sync_config)
+        assert (config.location_routing.from_column, config.location_routing.conn_id) == (
+            "location_id",
+            "growthhub_agency",
+        )
+        assert config.mapping == shipped.mapping
+        assert config.quality == shipped.quality
 
 
 @pytest.mark.integration
@@ -209,6 +272,38 @@ class TestMakeDemo:
         password = json.loads((demo.home / "simple_auth_manager_passwords.json").read_text())["admin"]
         assert "make ui" in demo.output
         assert f"http://127.0.0.1:{demo.port}  (login admin / {password};" in demo.output
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_agency_demo_prints_each_run_per_location(tmp_path: Path) -> None:
+    args = ["--workdir", str(tmp_path), "--port", str(free_port()), "--rows", "300", "--locations", "3"]
+    done = subprocess.run(
+        [sys.executable, str(DEMO), *args],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    agency = json.loads((tmp_path / "var" / "demo" / "agency.json").read_text())
+    *installed, uninstalled = agency["location_ids"]
+    with sqlite3.connect(tmp_path / "var" / "demo" / "warehouse.db") as conn:
+        query = "SELECT run_id, location, extracted, quarantined FROM growthhub_sync_runs"
+        runs = conn.execute(query).fetchall()
+    initial_load = [row for row in runs if row[0] == "demo_initial_load"]
+    first = {location: (extracted, quarantined) for _, location, extracted, quarantined in initial_load}
+    # row n goes to location n % 4; the last 5 rows name an unknown id
+    assert first.keys() == {*installed, uninstalled, "demo-agency-loc-unknown"}
+    assert (first[uninstalled], first["demo-agency-loc-unknown"]) == ((73, 73), (5, 5))
+    assert sum(extracted for extracted, _ in first.values()) == 300
+    # the hourly edits are all in the first location: the other two are quiet and have no run row
+    assert [location for run, location, *_ in runs if run == "demo_hourly"] == installed[:1]
+    assert "quiet (installed, no rows in the run's window): 0 of 3" in done.stdout
+    assert "quiet (installed, no rows in the run's window): 2 of 3" in done.stdout
+    assert f"quarantined for their location: 73 rows of the uninstalled {uninstalled}" in done.stdout
+    assert "contacts in the agency's 3 installed locations" in done.stdout
 
 
 @pytest.mark.integration
