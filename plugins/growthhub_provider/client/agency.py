@@ -201,7 +201,8 @@ class AgencyClient(GrowthHubClient):
         response = self.session.post(
             self.url(MINT_ENDPOINT),
             data={"companyId": self.company_id, "locationId": location_id},
-            headers=_FORM,
+            # the session carries no credentials: each request names the current agency token
+            headers={**_FORM, "Authorization": f"Bearer {self._access_token or ''}"},
             timeout=self.config.timeout,
         )
         problem = read_body(response)
