@@ -75,41 +75,25 @@ PROFILE_GROUPS = (
 )
 
 
-# Builtins that block (the profiler counts their wall time, not CPU): shown apart.
-BLOCKING = ("recv_into", "poll", "'get' of '_queue", "acquire", "sendall", "connect", "sleep")
-
-
-def _group(filename: str) -> str:
-    return next((group for group, part in PROFILE_GROUPS if part in filename), "other")
-
-
 def print_by_group(stats: pstats.Stats, upserts: int) -> None:
-    """
-    Own time and calls per upsert by library, so the cost of each layer reads at a glance.
-
-    A builtin (``str.lower``, ``isinstance``) counts for the library that called it; a blocking
-    one goes to its own line, since its time is waiting, not CPU.
-    """
+    """Own time and calls per upsert by library, so the cost of each layer reads at a glance."""
     seconds: Counter[str] = Counter()
     calls: Counter[str] = Counter()
-    for (filename, _, name), (_, ncalls, tottime, _, callers) in stats.stats.items():  # type: ignore[attr-defined]
-        if filename != "~":
-            seconds[_group(filename)] += tottime
-            calls[_group(filename)] += ncalls
-        elif any(part in name for part in BLOCKING):
-            seconds["blocking builtins (wall time)"] += tottime
-            calls["blocking builtins (wall time)"] += ncalls
-        else:
-            for (caller_file, _, _), (_, caller_calls, caller_tottime, _) in callers.items():
-                seconds[_group(caller_file)] += caller_tottime
-                calls[_group(caller_file)] += caller_calls
-    per = max(upserts, 1)
-    cpu = sum(spent for group, spent in seconds.items() if not group.startswith("blocking"))
-    print(f"{'group (builtins go to their caller)':<36} {'ms/upsert':>9} {'share':>6} {'calls/upsert':>12}")
+    for (filename, _, name), (_, ncalls, tottime, _, _) in stats.stats.items():  # type: ignore[attr-defined]
+        group = next(
+            (g for g, part in PROFILE_GROUPS if part in filename), "builtins" if filename == "~" else "other"
+        )
+        if group == "builtins" and ("lock" in name or "acquire" in name or "wait" in name):
+            group = "locks (builtin)"
+        seconds[group] += tottime
+        calls[group] += ncalls
+    total = sum(seconds.values())
+    print(
+        f"{'group':<28} {'ms/upsert':>9} {'share':>6} {'calls/upsert':>12}   (profiled: slower than unprofiled)"
+    )
     for group, spent in seconds.most_common():
-        share = f"{spent / cpu:6.1%}" if not group.startswith("blocking") else "     -"
-        print(f"{group:<36} {1000 * spent / per:9.3f} {share} {calls[group] / per:12.0f}")
-    print("(profiled: every figure is inflated by the profiler; compare shares and calls, not times)")
+        per = max(upserts, 1)
+        print(f"{group:<28} {1000 * spent / per:9.3f} {spent / total:6.1%} {calls[group] / per:12.0f}")
 
 
 def _set_up(admin: SandboxAdmin, locations: int, latency_ms: float, limit: LimitSettings) -> list[str]:

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import requests
+from requests_toolbelt.adapters.socket_options import TCPKeepAliveAdapter
 
-from growthhub_provider.client import transport
 from growthhub_provider.client.batch import (
     BatchRow,
     BatchStats,
@@ -190,7 +190,7 @@ class GrowthHubClient:
         session.headers.update(
             {"Accept": "application/json", "Content-Type": "application/json", "Version": config.api_version}
         )
-        adapter = transport.CookielessAdapter(
+        adapter = TCPKeepAliveAdapter(
             idle=120, count=20, interval=30, pool_connections=2, pool_maxsize=config.max_workers
         )
         session.mount("http://", adapter)
@@ -368,9 +368,12 @@ class GrowthHubClient:
             # After the wait for a slot, not before it: the wait can outlast a short-lived token,
             # and a request sent with an expired one wastes its slot on a 401.
             self._ensure_access_token()
-            # Not Session.request: the request is built here, without the per-request merging of
-            # settings, cookies and auth hooks that was a third of the client's CPU.
-            response = transport.send(session, self._prepare(method, endpoint, body), self.config.timeout)
+            # Session.send, not Session.request: the request is built here, without the per-request
+            # merging of settings, cookies and auth hooks that was a third of the client's CPU.
+            # The API never redirects: a 3xx is an unusable answer, not a POST silently turned GET.
+            response = session.send(
+                self._prepare(method, endpoint, body), timeout=self.config.timeout, allow_redirects=False
+            )
             problem = read_body(response)
         except BaseException:
             limiter.release()
