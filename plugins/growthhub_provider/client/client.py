@@ -169,9 +169,8 @@ class GrowthHubClient:
     @property
     def session(self) -> requests.Session:
         """The one session every request and worker thread shares, built on first use."""
-        session = self._session  # read without the lock once built: twice per request
-        if session is not None:
-            return session
+        if self._session is not None:  # read without the lock once built: twice per request
+            return self._session
         with self._session_lock:
             if self._session is None:
                 self._session = self._new_session()
@@ -544,10 +543,9 @@ class GrowthHubClient:
         failed: Counter[str] = Counter()
         retries = RetryTally()
         abort = threading.Event()
-        # One loop for the whole batch, not one per row: tenacity keeps each call's state per thread.
-        retrying = self.config.retry.retrying(abort, retries.add)
+        retrying = self.config.retry.retrying(abort, retries.add)  # per batch: tenacity 9 is thread-safe
         window = IdentityWindow(
-            self.config.max_workers, lambda row: self._upsert_row(row, daily_reserve, retrying)
+            self.config.max_workers, lambda r: self._upsert_row(r, daily_reserve, retrying)
         )
         batch_rows = (
             BatchRow(key, self._with_location(payload), identity_keys(payload)) for key, payload in rows
