@@ -139,7 +139,7 @@ def plan_fleet(
     if not o.dry_run:
         for name in work:
             start_run(eng, tables, config.location(name), win, o)
-    shards = pack_shards(items, max_shards or config.shards.max)
+    shards = pack_shards(items, max_shards or config.shards.max, size)
     log.info(
         "plan: %d rows of %d location(s) in %d shard(s); %d quiet location(s)",
         sum(w.rows for w in work.values()), len(work), len(shards), quiet,
@@ -242,10 +242,15 @@ def _items(
     return [{**item, **r.as_dict(), "rows": n} for r, n in zip(ranges, sizes, strict=True)]
 
 
-def pack_shards(items: Iterable[Mapping[str, Any]], max_shards: int) -> list[list[dict[str, Any]]]:
-    """At most ``max_shards`` shards balanced by rows: biggest item first into the lightest shard."""
+def pack_shards(
+    items: Iterable[Mapping[str, Any]], max_shards: int, shard_rows: int
+) -> list[list[dict[str, Any]]]:
+    """Shards of about ``shard_rows`` rows, at most ``max_shards``, balanced by rows: biggest item
+    first into the lightest shard. Each shard is a task (a process start-up), so a run of a few
+    thousand rows over many locations is one shard, not one per location."""
     ordered = sorted(items, key=lambda i: (-int(i["rows"]), str(i["location"]), str(i["lo"])))
-    count = min(max_shards, len(ordered))
+    needed = -(-sum(int(i["rows"]) for i in ordered) // shard_rows)
+    count = min(max_shards, len(ordered), max(needed, 1))
     shards: list[list[dict[str, Any]]] = [[] for _ in range(count)]
     loads = [(0, i) for i in range(count)]
     for item in ordered:

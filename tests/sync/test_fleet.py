@@ -7,6 +7,7 @@ Rows name their location in ``location_id``; the agency directory is fixed by th
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -162,6 +163,65 @@ def test_one_locations_refused_token_fails_it_alone(warehouse: Warehouse, fleet_
     assert _run_rows(fleet_config, warehouse, "r1")["loc_b"]["status"] == "failed"
 
 
+class Storm:
+    """A location in a 429 storm: every row comes back ``failed`` 429 once its retries are spent.
+
+    It answers only while the calm location is sending too (and waits for it to finish), so a run
+    that served locations one after the other, or let the storm hold the other up, times out.
+    """
+
+    def __init__(self) -> None:
+        self.storming, self.calm_sending, self.calm_done = (
+            threading.Event(),
+            threading.Event(),
+            threading.Event(),
+        )
+
+    def upsert_contacts(self, rows: Any, *, daily_reserve: int = 0) -> Iterator[UpsertOutcome]:
+        self.storming.set()
+        assert self.calm_sending.wait(60), "the calm location never sent while the storm lasted"
+        for key, _payload in rows:
+            assert self.calm_done.wait(60), "the storm held the calm location up"
+            yield UpsertOutcome(
+                key, "failed", http_status=429, messages=["429: Too Many Requests"], attempts=4
+            )
+
+
+class Calm(FakeCRM):
+    """A healthy location that sends only once the storm is on, and says when it is done."""
+
+    def __init__(self, storm: Storm) -> None:
+        super().__init__()
+        self.storm = storm
+
+    def upsert_contacts(self, rows: Any, *, daily_reserve: int = 0) -> Iterator[UpsertOutcome]:
+        assert self.storm.storming.wait(60), "the storming location never started"
+        self.storm.calm_sending.set()
+        yield from super().upsert_contacts(rows, daily_reserve=daily_reserve)
+        self.storm.calm_done.set()
+
+
+def test_one_locations_429_storm_neither_stops_nor_delays_the_others(
+    warehouse: Warehouse, fleet_config: SyncConfig
+) -> None:
+    routed = _routed(warehouse, ["loc_a", "loc_b"])
+    storm = Storm()
+    calm = Calm(storm)
+
+    out = _sync(fleet_config, warehouse, "r1", lambda loc: storm if loc.location_id == "loc_b" else calm)
+
+    by_name = {r["location"]: r for r in out["results"]}
+    assert by_name["loc_a"]["created"] == sum(v == "loc_a" for v in routed.values())
+    assert by_name["loc_b"]["deferred"] == sum(v == "loc_b" for v in routed.values())
+    assert by_name["loc_b"]["created"] == 0
+    assert out["failed"] == [], "throttled rows are deferred to the next run, not a failed location"
+    assert {r["status"] for r in out["results"]} == {"success"}
+    pending = state.state_tables(fleet_config.state).pending
+    with warehouse.engine.connect() as conn:
+        waiting = conn.execute(select(pending.c.location, pending.c.source_key)).all()
+    assert {(loc, key) for loc, key in waiting} == {("loc_b", k) for k, v in routed.items() if v == "loc_b"}
+
+
 def test_quiet_locations_cost_no_query_each(warehouse: Warehouse, fleet_config: SyncConfig) -> None:
     _routed(warehouse, ["loc_a"])
     statements: list[str] = []
@@ -210,14 +270,17 @@ def test_a_big_location_is_sliced_and_small_ones_share_shards(
 def test_packing_balances_rows_over_at_most_max_shards() -> None:
     items = [{"location": f"s{i}", "lo": None, "hi": None, "rows": 3} for i in range(40)]
     items += [{"location": "big", "lo": n * 100, "hi": n * 100 + 100, "rows": 100} for n in range(4)]
-    shards = pack_shards(items, 6)
+    shards = pack_shards(items, 6, shard_rows=50)
     assert len(shards) == 6
     assert sorted(i["location"] + str(i["lo"]) for s in shards for i in s) == sorted(
         i["location"] + str(i["lo"]) for i in items
     )
     loads = [sum(i["rows"] for i in s) for s in shards]
     assert max(loads) - min(loads) <= 100
-    assert pack_shards(items[:2], 6) == [[items[0]], [items[1]]]
+    assert pack_shards(items[:2], 6, shard_rows=3) == [[items[0]], [items[1]]]
+    (one,) = pack_shards(items, 6, shard_rows=1000)  # 520 rows: one shard
+    assert sorted(map(repr, one)) == sorted(map(repr, items))
+    assert len(pack_shards(items, 6, shard_rows=200)) == 3
 
 
 def test_requested_names_must_be_known(warehouse: Warehouse, fleet_config: SyncConfig) -> None:
