@@ -149,6 +149,7 @@ def state_tables(cfg: StateConfig) -> StateTables:
         Column("started_at", ts),
         Column("finished_at", ts),
     )
+    Index(f"{p}ix_growthhub_sync_runs_location", runs.c.location, runs.c.started_at)  # the page's runs
     # one owner per email / phone and location, across chunks, mapped tasks and runs: the API
     # merges rows sharing an identity into one contact, so only the owner may be sent
     identities = Table(
@@ -180,7 +181,7 @@ def ensure_state(engine: Engine, tables: StateTables) -> None:
         try:
             tables.metadata.create_all(engine, checkfirst=True)
             upgrade_quarantine(engine, tables.quarantine)
-            for index in tables.quarantine.indexes:  # the page's index covers a newer column
+            for index in (*tables.quarantine.indexes, *tables.runs.indexes):  # tables older than the page's
                 index.create(engine, checkfirst=True)
             return
         except (exc.IntegrityError, exc.ProgrammingError, exc.OperationalError):

@@ -9,7 +9,7 @@ page works under any ``[api] base_url`` and inside the UI's iframe.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,8 +52,15 @@ class Warehouse:
     tables: StateTables
 
     @property
-    def locations(self) -> list[str]:
-        return [loc.name for loc in self.config.locations]
+    def discovered(self) -> bool:
+        """Whether locations are found at run time (``locations.from_column``), not listed."""
+        return self.config.location_routing.from_column is not None
+
+    def locations(self, found: Iterable[str] = ()) -> list[str]:
+        """The listed locations; discovered ones add ``found``, those the state tables know (the
+        config lists only overrides, if any)."""
+        listed = [loc.name for loc in self.config.locations]
+        return sorted({*listed, *found}) if self.discovered else listed
 
 
 def get_warehouse() -> Warehouse:
@@ -146,8 +153,9 @@ def _runs_context(wh: Warehouse, limit: int = 50) -> dict[str, Any]:
     sections = []
     if queries.tables_exist(wh.engine, wh.tables):
         with wh.engine.connect() as conn:
-            counts = queries.open_counts(conn, wh.tables, wh.locations)
-            for name in wh.locations:
+            names = wh.locations(queries.run_locations(conn, wh.tables) if wh.discovered else ())
+            counts = queries.open_counts(conn, wh.tables, names)
+            for name in names:
                 runs = queries.recent_runs(conn, wh.tables, name, limit=limit)
                 sections.append({"location": name, "open_rows": counts.get(name, 0), "runs": runs})
     return {"sections": sections, "sync_dag": SYNC_DAG_ID, "chart": _chart, "count_cap": queries.COUNT_CAP}
@@ -161,16 +169,20 @@ def _chart(runs_newest_first: list[queries.RunRow]) -> Markup:
 def _quarantine_context(
     wh: Warehouse, where: queries.QuarantineFilter, before: int | None, limit: int
 ) -> dict[str, Any]:
-    page = queries.QuarantinePage([], None)
+    page, locations = queries.QuarantinePage([], None), wh.locations()
     if queries.tables_exist(wh.engine, wh.tables):
         with wh.engine.connect() as conn:
-            page = queries.quarantine_page(conn, wh.tables, wh.locations, where, before=before, limit=limit)
+            held = set(queries.open_pairs(conn, wh.tables)) if wh.discovered else None
+            locations = wh.locations(loc for loc, _ in held or ())
+            page = queries.quarantine_page(
+                conn, wh.tables, locations, where, before=before, limit=limit, held=held
+            )
     return {
         "page": page,
         "where": where,
         "query": {k: v for k, v in asdict(where).items() if v},
         "before": before,
-        "locations": wh.locations,
+        "locations": locations,
         "stages": queries.STAGES,
         "codes": sorted({c for item in page.items for c in item.codes} | {queries.UNKNOWN_CODE}),
         "replay_dag": REPLAY_DAG_ID,

@@ -7,18 +7,18 @@ Personal data leaves this module masked: a quarantine row's email and phone, and
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, inspect, or_, select, text, union_all
+from sqlalchemy import func, inspect, or_, select, text, true, tuple_, union_all
 
 from growthhub_provider.masking import mask_pii
 from growthhub_sync.outcomes import OUTCOMES, mask_payload
 
 if TYPE_CHECKING:
-    from sqlalchemy import ColumnElement
+    from sqlalchemy import Column, ColumnElement
     from sqlalchemy.engine import Connection, Engine
 
     from growthhub_sync.state import StateTables
@@ -153,6 +153,37 @@ def recent_runs(conn: Connection, tables: StateTables, location: str, limit: int
     ]
 
 
+def open_pairs(conn: Connection, tables: StateTables) -> list[tuple[str, str]]:
+    """The (location, stage) pairs holding open quarantine rows, sorted: where the page's rows are
+    when locations are discovered at run time (``locations.from_column``)."""
+    q = tables.quarantine
+    return [(loc, stage) for loc, stage in _distinct(conn, (q.c.location, q.c.stage), _OPEN)]
+
+
+def run_locations(conn: Connection, tables: StateTables) -> list[str]:
+    """The locations that have run rows, sorted (the runs page of discovered locations)."""
+    return [loc for (loc,) in _distinct(conn, (tables.runs.c.location,))]
+
+
+def _distinct(conn: Connection, columns: Sequence[Column[Any]], *conditions: Any) -> list[tuple[Any, ...]]:
+    """The distinct values of ``columns``, which lead an index, in its order.
+
+    A DISTINCT reads every row (millions of quarantine or run rows for a few hundred locations);
+    on PostgreSQL a loose index scan instead jumps from one value to the next, one index probe each
+    (a recursive CTE: the first value, then the smallest one greater than the last). SQLite (small
+    warehouses) takes the plain DISTINCT.
+    """
+    if conn.dialect.name != "postgresql":
+        stmt = select(*columns).where(*conditions).distinct().order_by(*columns)
+    else:
+        first = select(*columns).where(*conditions).order_by(*columns).limit(1).cte("found", recursive=True)
+        after = tuple_(*columns) > tuple_(*first.c)
+        step = select(*columns).where(*conditions, after).order_by(*columns).limit(1).lateral("step")
+        found = first.union_all(select(*step.c).select_from(first.join(step, true())))
+        stmt = select(*found.c)
+    return [tuple(r) for r in conn.execute(stmt)]
+
+
 def open_counts(conn: Connection, tables: StateTables, locations: Sequence[str]) -> dict[str, int]:
     """Open quarantine rows per location, counted up to :data:`COUNT_CAP` + 1 (``> COUNT_CAP``: "more")."""
     q = tables.quarantine
@@ -171,6 +202,7 @@ def quarantine_page(
     *,
     before: int | None = None,
     limit: int = 50,
+    held: Collection[tuple[str, str]] | None = None,
 ) -> QuarantinePage:
     """Open quarantine rows, newest first, ``limit`` per page, after the cursor ``before``.
 
@@ -179,7 +211,9 @@ def quarantine_page(
     index on (location, stage, id) of open rows and cut at ``limit``, so a rare stage or location
     costs no more than a common one; on PostgreSQL the index includes the reason codes, so a code
     filter reads no table row it rejects. Only then are the page's rows read. ``locations`` are
-    those of the config (a location filter names one).
+    those of the config (a location filter names one); ``held``, when given, the (location, stage)
+    pairs holding open rows (:func:`open_pairs`): only their ranges are read, so hundreds of
+    discovered locations cost the ranges of those with rows of the filtered stage, not all of them.
     """
     limit = max(1, min(limit, MAX_PAGE))
     q = tables.quarantine
@@ -187,6 +221,7 @@ def quarantine_page(
         (loc, stage)
         for loc in ([where.location] if where.location else locations)
         for stage in ([where.stage] if where.stage else STAGES)
+        if held is None or (loc, stage) in held
     ]
     if not pairs:
         return QuarantinePage([], None)

@@ -73,6 +73,12 @@ def _keys(client: TestClient, **params: Any) -> list[str]:
     return [r["source_key"] for r in _rows(client, **params)]
 
 
+def _location_options(page: str) -> list[str]:
+    """The locations the quarantine page's location filter offers."""
+    select = page.split('<select name="location">')[1].split("</select>")[0]
+    return re.findall(r'<option value="([^"]+)"', select)
+
+
 class TestQuarantineList:
     def test_lists_open_rows_newest_first_with_personal_data_masked(
         self, state_db: StateDB, make_client: Callable[..., TestClient]
@@ -284,13 +290,91 @@ class TestPages:
         assert client.get("/static/growthhub.css").status_code == 200
 
 
-def test_existing_state_tables_get_the_page_index(state_db: StateDB) -> None:
-    """A warehouse whose quarantine table predates the page's index gets it from the next sync."""
-    index = "ix_growthhub_quarantine_open_page"
+class TestDiscoveredLocations:
+    """``locations.from_column``: the config lists overrides only; the page shows the locations the
+    state tables know (open quarantine rows, runs) plus the overrides."""
+
+    @pytest.fixture
+    def discovered(self, state_db: StateDB) -> StateDB:
+        write_config(state_db.config_path, url=state_db.url, schema=state_db.schema, overrides=["north"])
+        state_db.quarantine("loc-a", "a1", at=T0)
+        state_db.quarantine("loc-b", "b1", at=T0 + timedelta(minutes=1), stage="api", codes="api_422")
+        state_db.quarantine("loc-a", "a2", at=T0 + timedelta(minutes=2), stage="api", codes="api_400")
+        state_db.quarantine("loc-c", "c1", at=T0 + timedelta(minutes=3))
+        state_db.resolve("loc-c", ["c1"])  # no open row left: not on the quarantine page
+        state_db.quarantine("_unrouted", "u1", at=T0 + timedelta(minutes=4), codes="location_missing")
+        for i, location in enumerate(("loc-a", "loc-d", "loc-a")):
+            state_db.run(location, f"run{i}", T0 + timedelta(hours=i), unchanged=9, quarantined=1)
+        return state_db
+
+    @pytest.mark.parametrize(
+        ("params", "expected"),
+        [
+            ({}, ["u1", "a2", "b1", "a1"]),
+            ({"location": "loc-b"}, ["b1"]),
+            ({"location": "loc-c"}, []),
+            ({"stage": "api"}, ["a2", "b1"]),
+            ({"stage": "quality", "location": "loc-a"}, ["a1"]),
+            ({"code": "api_422"}, ["b1"]),
+        ],
+    )
+    def test_lists_and_filters_the_open_rows_of_every_discovered_location(
+        self,
+        discovered: StateDB,
+        make_client: Callable[..., TestClient],
+        params: dict[str, str],
+        expected: list[str],
+    ) -> None:
+        assert _keys(make_client(), **params) == expected
+
+    def test_quarantine_page_offers_the_locations_holding_open_rows_and_the_overrides(
+        self, discovered: StateDB, make_client: Callable[..., TestClient]
+    ) -> None:
+        page = make_client().get("/quarantine").text
+        assert _location_options(page) == ["_unrouted", "loc-a", "loc-b", "north"]
+
+    def test_runs_page_shows_the_locations_with_runs_and_the_overrides(
+        self, discovered: StateDB, make_client: Callable[..., TestClient]
+    ) -> None:
+        runs = make_client().get("/api/runs").json()["locations"]
+        assert [(s["location"], s["open_rows"], [r["run_id"] for r in s["runs"]]) for s in runs] == [
+            ("loc-a", 2, ["run2", "run0"]),
+            ("loc-d", 0, ["run1"]),
+            ("north", 0, []),
+        ]
+
+    def test_replay_names_the_discovered_location(
+        self, discovered: StateDB, make_client: Callable[..., TestClient], triggered: Triggered
+    ) -> None:
+        row = _rows(make_client(), location="loc-b")[0]
+        assert make_client().post("/api/replay", json={"ids": [row["id"]]}).status_code == 200
+        assert triggered == [({"locations": ["loc-b"], "keys": {"loc-b": ["b1"]}}, "ops")]
+
+
+def test_explicit_locations_stay_in_config_order_without_the_unlisted_ones(
+    state_db: StateDB, make_client: Callable[..., TestClient]
+) -> None:
+    """A listed config shows its locations, those without rows too, and no location it does not list."""
+    state_db.quarantine("west", "w1")
+    state_db.quarantine("stray", "s1")
+    state_db.run("stray", "run0", T0)
+    client = make_client()
+    assert [s["location"] for s in client.get("/api/runs").json()["locations"]] == ["east", "west"]
+    page = client.get("/quarantine").text
+    assert _location_options(page) == ["east", "west"]
+
+
+@pytest.mark.parametrize(
+    ("table", "index"),
+    [("growthhub_quarantine", "ix_growthhub_quarantine_open_page"),
+     ("growthhub_sync_runs", "ix_growthhub_sync_runs_location")],
+)  # fmt: skip
+def test_existing_state_tables_get_the_page_indexes(state_db: StateDB, table: str, index: str) -> None:
+    """A warehouse whose state tables predate the page's indexes gets them from the next sync."""
     with state_db.engine.begin() as conn:
         conn.execute(text(f"DROP INDEX {state_db.schema + '.' if state_db.schema else ''}{index}"))
     state.ensure_state(state_db.engine, state_db.tables)
-    found = inspect(state_db.engine).get_indexes("growthhub_quarantine", schema=state_db.schema)
+    found = inspect(state_db.engine).get_indexes(table, schema=state_db.schema)
     assert index in {i["name"] for i in found}
 
 

@@ -86,13 +86,21 @@ class StateDB:
             state.write_run(conn, self.tables, row)
 
 
-def write_config(path: Path, *, url: str | None = None, schema: str | None = None) -> Path:
-    """The shipped default config with the locations ``east`` and ``west``, state in ``schema``."""
+def write_config(
+    path: Path, *, url: str | None = None, schema: str | None = None, overrides: Sequence[str] | None = None
+) -> Path:
+    """The shipped default config with the locations ``east`` and ``west``, state in ``schema``;
+    with ``overrides``, locations discovered by an agency (``locations.from_column``) instead,
+    these ids listed as overrides."""
     data = load_config().model_dump(by_alias=True, exclude_none=True)
     data["source"] = {**data["source"], **({"url": url} if url else {})}
     data["locations"] = [
         {"name": n, "location_id": f"{n}-id", "conn_id": "growthhub_default"} for n in LOCATIONS
     ]
+    if overrides is not None:
+        data.pop("location_routing", None)
+        listed = [{"location_id": i} for i in overrides]
+        data["locations"] = {"from_column": "location_id", "conn_id": "growthhub_agency", "list": listed}
     data["state"] = {"schema": schema, "prefix": ""} if schema else {"prefix": ""}
     parse_config(data)  # fail here, not in the page, if the test's config is wrong
     path.write_text(yaml.safe_dump(data), encoding="utf-8")
