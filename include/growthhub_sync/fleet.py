@@ -468,7 +468,8 @@ def replay_fleet(
         waiting = [n for n in names if n == UNROUTED or config.location(n).location_id not in installed]
         names = [n for n in names if n not in waiting]
     results, failed = [], []
-    for name in _selected(config, names, set(names), requested):
+    # a requested location still waiting is no error: its rows stay open and the result says so
+    for name in _selected(config, names, {*names, *waiting}, requested):
         try:
             picked = (keys or {}).get(name, ())
             out = replay_quarantine(

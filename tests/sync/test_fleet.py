@@ -355,3 +355,15 @@ def test_replay_resends_rows_of_installed_locations_and_leaves_unroutable_ones_w
     assert [(r["location"], r["selected"], r["created"]) for r in out["results"]] == [("loc_a", 1, 1)]
     assert refused not in {key for _, key, _, _ in _open_quarantine(fleet_config, warehouse)}
     assert {loc for loc, *_ in _open_quarantine(fleet_config, warehouse)} == {UNROUTED, "loc_gone", "loc_zzz"}
+
+    # asking for a location still not installed (as the page's replay button may) is no error
+    again = replay_fleet(
+        fleet_config,
+        SyncOptions(run_id="replay2"),
+        requested=["loc_gone"],
+        engine=warehouse.engine,
+        upserter=crm,
+        directory=_directory,
+    )
+    assert (again["results"], again["failed"]) == ([], [])
+    assert "loc_gone" in again["waiting"]
