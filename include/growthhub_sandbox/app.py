@@ -327,32 +327,33 @@ def create_app(settings: Settings | None = None) -> SandboxApp:
         # Requests normally take SandboxApp's fast path to the same handler.
         return (await upsert(request.headers, await request.body())).response(request.scope)
 
-    @app.get(
-        "/contacts/{contactId}",
-        **public(
-            "Get Contact",
-            GetContactResponse,
-            400,
-            401,
-            403,
-            404,
-            429,
-            parameters=[
-                version_param,
-                {"name": "contactId", "in": "path", "required": True, "schema": {"type": "string"}},
-            ],
-        ),
-        tags=["Contacts"],
-    )
-    async def get_contact(request: Request) -> Response:
-        """A contact of the token's location; another location's id is 404 like an unknown one."""
-        auth = authorize(request.headers, READ_SCOPES)
+    def contact_route(summary: str, ok_model: type) -> dict[str, Any]:
+        """The OpenAPI description of a ``/contacts/{contactId}`` endpoint."""
+        contact_id = {"name": "contactId", "in": "path", "required": True, "schema": {"type": "string"}}
+        return {
+            **public(summary, ok_model, 400, 401, 403, 404, 429, parameters=[version_param, contact_id]),
+            "tags": ["Contacts"],
+        }
+
+    async def on_contact(
+        request: Request,
+        scopes: frozenset[str],
+        endpoint: str,
+        answer: Callable[[Token, RateLimitConfig, str], Awaitable[Reply]],
+    ) -> Response:
+        """Authorise, answer about the path's contact, record the answer for the location's timeline."""
+        auth = authorize(request.headers, scopes)
         if isinstance(auth, Reply):
             return auth.response(request.scope)
         token, limits = auth
-        reply = await read_contact(token, limits, request.path_params["contactId"])
-        store.record_answer(token.location_id, GET_CONTACT, "dropped" if reply.drop else str(reply.status))
+        reply = await answer(token, limits, request.path_params["contactId"])
+        store.record_answer(token.location_id, endpoint, "dropped" if reply.drop else str(reply.status))
         return reply.response(request.scope)
+
+    @app.get("/contacts/{contactId}", **contact_route("Get Contact", GetContactResponse))
+    async def get_contact(request: Request) -> Response:
+        """A contact of the token's location; another location's id is 404 like an unknown one."""
+        return await on_contact(request, READ_SCOPES, GET_CONTACT, read_contact)
 
     async def read_contact(token: Token, limits: RateLimitConfig, contact_id: str) -> Reply:
         admitted = await admit(token, limits)
@@ -366,32 +367,10 @@ def create_app(settings: Settings | None = None) -> SandboxApp:
             return _error(404, "Contact not found", headers)
         return _json(200, {"contact": contact}, headers)
 
-    @app.delete(
-        "/contacts/{contactId}",
-        **public(
-            "Delete Contact",
-            DeleteContactResponse,
-            400,
-            401,
-            403,
-            404,
-            429,
-            parameters=[
-                version_param,
-                {"name": "contactId", "in": "path", "required": True, "schema": {"type": "string"}},
-            ],
-        ),
-        tags=["Contacts"],
-    )
+    @app.delete("/contacts/{contactId}", **contact_route("Delete Contact", DeleteContactResponse))
     async def delete_contact(request: Request) -> Response:
         """Delete a contact of the token's location; another location's id is 404 like an unknown one."""
-        auth = authorize(request.headers, WRITE_SCOPES)
-        if isinstance(auth, Reply):
-            return auth.response(request.scope)
-        token, limits = auth
-        reply = await remove_contact(token, limits, request.path_params["contactId"])
-        store.record_answer(token.location_id, DELETE_CONTACT, "dropped" if reply.drop else str(reply.status))
-        return reply.response(request.scope)
+        return await on_contact(request, WRITE_SCOPES, DELETE_CONTACT, remove_contact)
 
     async def remove_contact(token: Token, limits: RateLimitConfig, contact_id: str) -> Reply:
         admitted = await admit(token, limits)
