@@ -41,6 +41,7 @@ LAYERS = {
     "retention": 4,
     "failures": 4,
     "checks": 5,
+    "deletes": 5,
     "identity": 5,
     "batch": 6,
     "pipeline": 7,

@@ -35,7 +35,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from growthhub_sync.keyed import rows_by_key
-from growthhub_sync.migrations import upgrade_quarantine
+from growthhub_sync.migrations import upgrade_quarantine, upgrade_runs
 from growthhub_sync.outcomes import RUN_COUNTS
 from growthhub_sync.reasons import having_any, split_codes
 
@@ -180,6 +180,7 @@ def ensure_state(engine: Engine, tables: StateTables) -> None:
         try:
             tables.metadata.create_all(engine, checkfirst=True)
             upgrade_quarantine(engine, tables.quarantine)
+            upgrade_runs(engine, tables.runs)
             for index in tables.quarantine.indexes:  # the page's index covers a newer column
                 index.create(engine, checkfirst=True)
             return
