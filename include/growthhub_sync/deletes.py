@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import String, cast, exists, func, select
@@ -39,7 +38,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _PART = 500  # contacts sent between two state transactions: bounds what a killed task sends again
-_WORKERS = 4  # requests in flight; the client's limiter paces them
 _DONE = {"delete": "deleted", "tag": "tagged"}
 
 
@@ -117,13 +115,12 @@ def apply_deletes(
         return summary.as_dict()
     send = _sender(resolve_upserter(eraser, location), config.deletes.mode, config.deletes.tag)  # type: ignore[arg-type]
     keys = sorted(contacts)
-    with ThreadPoolExecutor(_WORKERS, thread_name_prefix="growthhub-delete") as pool:
-        for i in range(0, len(keys), _PART):
-            part = keys[i : i + _PART]
-            stays = dict(zip(part, pool.map(send, [contacts[k] for k in part]), strict=True))
-            with engine.begin() as conn:
-                store = state.StateStore(conn, state.state_tables(config.state), location.name, o.run_id)
-                _forget(store, part, [k for k in part if not stays[k]])
+    for i in range(0, len(keys), _PART):  # one request at a time: the limiter, not threads, sets the pace
+        part = keys[i : i + _PART]
+        stays = {k: send(contacts[k]) for k in part}
+        with engine.begin() as conn:
+            store = state.StateStore(conn, state.state_tables(config.state), location.name, o.run_id)
+            _forget(store, part, [k for k in part if not stays[k]])
     done = _DONE[config.deletes.mode]
     log.info("location %s: %d contact(s) %s in GrowthHub", location.name, len(keys), done)
     return summary.as_dict()
