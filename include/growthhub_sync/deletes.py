@@ -21,7 +21,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import String, cast, exists, func, select
+from sqlalchemy import String, cast, exists, func, select, union
 
 from growthhub_sync import state
 from growthhub_sync.config import ConfigError
@@ -30,6 +30,7 @@ from growthhub_sync.outcomes import Summary
 from growthhub_sync.upsert import UpserterSource, resolve_upserter
 
 if TYPE_CHECKING:
+    from sqlalchemy import Select
     from sqlalchemy.engine import Connection, Engine
 
     from growthhub_sync.batch import SyncOptions
@@ -62,17 +63,39 @@ def doomed(
     deletes = config.deletes
     if deletes.mode == "ignore" or (deletes.detect == "missing" and not full_refresh):
         return {}
-    tables = state.state_tables(config.state)
-    led = tables.ledger
-    source = Source(config.for_location(location), location, tables, conn.dialect.name)
-    key = cast(source.key, String)
+    led = state.state_tables(config.state).ledger
+    source = _source(conn, config, location)
     if source.deleted is not None:
-        flagged = select(key).where(source.in_window(win), source.deleted, *source.located)
-        gone = led.c.source_key.in_(flagged)
+        gone = led.c.source_key.in_(_flagged(source, win))
     else:
-        gone = ~exists().where(key == led.c.source_key, *source.located)
+        gone = ~exists().where(cast(source.key, String) == led.c.source_key, *source.located)
     stmt = select(led.c.source_key, led.c.contact_id).where(led.c.location == location.name, gone)
     return {k: contact for k, contact in conn.execute(stmt)}
+
+
+def held(conn: Connection, config: SyncConfig, location: LocationConfig, win: Window) -> list[str]:
+    """Keys of rows flagged deleted in the window that never synced but wait in the quarantine or
+    pending table: they are not sent any more, and their rows there (emails, phones) must go too."""
+    if config.deletes.flag_column is None:
+        return []
+    tables = state.state_tables(config.state)
+    flagged = _flagged(_source(conn, config, location), win)
+    synced = select(tables.ledger.c.source_key).where(tables.ledger.c.location == location.name)
+    waiting = [
+        select(t.c.source_key).where(t.c.location == location.name, t.c.source_key.in_(flagged))
+        for t in (tables.quarantine, tables.pending)
+    ]
+    return sorted(set(conn.execute(union(*waiting)).scalars()) - set(conn.execute(synced).scalars()))
+
+
+def _source(conn: Connection, config: SyncConfig, location: LocationConfig) -> Source:
+    tables = state.state_tables(config.state)
+    return Source(config.for_location(location), location, tables, conn.dialect.name)
+
+
+def _flagged(source: Source, win: Window) -> Select[Any]:
+    """Keys (as strings) of the location's rows flagged deleted in the window."""
+    return select(cast(source.key, String)).where(source.in_window(win), source.deleted, *source.located)
 
 
 def check_fraction(
@@ -102,27 +125,32 @@ def apply_deletes(
 ) -> dict[str, Any] | None:
     """Delete or tag the location's contacts gone from the warehouse, and erase their state.
 
-    Returns the batch summary (extracted = deleted), ``None`` when there is nothing to do.
+    Rows flagged deleted that never synced but wait in the quarantine or pending table (:func:`held`)
+    are erased from our tables and counted too. Returns the batch summary (extracted = deleted),
+    ``None`` when there is nothing to do.
     A dry run counts them and sends nothing. Raises :class:`MassDeleteError` before sending any.
     """
     with engine.connect() as conn:
         contacts = doomed(conn, config, location, win, o.full_refresh)
-        if not contacts:
-            return None
-        check_fraction(conn, config, location, len(contacts), o.allow_mass_delete)
-    summary = Summary(extracted=len(contacts), deleted=len(contacts), max_samples=0)
+        if contacts:
+            check_fraction(conn, config, location, len(contacts), o.allow_mass_delete)
+        waiting = held(conn, config, location, win)
+    if not contacts and not waiting:
+        return None
+    rows = len(contacts) + len(waiting)
+    summary = Summary(extracted=rows, deleted=rows, max_samples=0)
     if o.dry_run:
         return summary.as_dict()
     send = _sender(resolve_upserter(eraser, location), config.deletes.mode, config.deletes.tag)  # type: ignore[arg-type]
-    keys = sorted(contacts)
+    keys = [*sorted(contacts), *waiting]
     for i in range(0, len(keys), _PART):  # one request at a time: the limiter, not threads, sets the pace
         part = keys[i : i + _PART]
-        stays = {k: send(contacts[k]) for k in part}
+        stays = {k: send(contacts.get(k)) for k in part}
         with engine.begin() as conn:
             store = state.StateStore(conn, state.state_tables(config.state), location.name, o.run_id)
             _forget(store, part, [k for k in part if not stays[k]])
     done = _DONE[config.deletes.mode]
-    log.info("location %s: %d contact(s) %s in GrowthHub", location.name, len(keys), done)
+    log.info("location %s: %d contact(s) %s in GrowthHub", location.name, len(contacts), done)
     return summary.as_dict()
 
 

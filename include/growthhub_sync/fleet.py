@@ -216,7 +216,8 @@ def _add_deletes(
         return
     with eng.connect() as conn:
         for name in sorted(known - set(work)):
-            if deletes.doomed(conn, config, config.location(name), win, o.full_refresh):
+            loc = config.location(name)
+            if deletes.doomed(conn, config, loc, win, o.full_refresh) or deletes.held(conn, config, loc, win):
                 work[name] = _Work()
 
 

@@ -91,6 +91,10 @@ def test_flagged_rows_are_deleted_in_the_crm_and_leave_every_state_table(
             [QuarantineRow(doomed[0], "api", ["422: bad"], ("api_422",), {"email": "x@y.z"}, None)]
         )
         store.mark_pending({doomed[1]: "no outcome"})
+    # a row that never synced (quarantined by the first run), flagged: its quarantine row goes too
+    quarantined = [r["source_key"] for r in _rows(seeded, tables.quarantine)]
+    never_synced = next(k for k in quarantined if k not in ledger)
+    _flag(seeded, [never_synced])
     assert _hook().delete_contact(ledger[doomed[2]])  # deleted by hand: the run's DELETE answers 404
     contacts_before = len(crm.contacts("loc1"))
 
@@ -98,14 +102,15 @@ def test_flagged_rows_are_deleted_in_the_crm_and_leave_every_state_table(
 
     assert out["status"] == "success"
     assert out["invariant_ok"]
-    assert out["deleted"] == len(doomed) == out["extracted"] - sum(out[o] for o in OUTCOMES if o != "deleted")
+    erased = [*doomed, never_synced]
+    assert out["deleted"] == len(erased) == out["extracted"] - sum(out[o] for o in OUTCOMES if o != "deleted")
     assert {c["id"] for c in crm.contacts("loc1")}.isdisjoint(ledger[k] for k in doomed)
     assert len(crm.contacts("loc1")) == contacts_before - (len(doomed) - 1)
     assert set(_ledger(seeded, cfg)) == set(ledger) - set(doomed)
     for table in (tables.quarantine, tables.pending, tables.identities):
-        assert _rows(seeded, table, table.c.source_key.in_(doomed)) == []
+        assert _rows(seeded, table, table.c.source_key.in_(erased)) == []
     run = _rows(seeded, tables.runs, tables.runs.c.run_id == "r2")[0]
-    assert run["deleted"] == len(doomed)
+    assert run["deleted"] == len(erased)
     sent = _deletes_sent(crm)
     assert _run(cfg, seeded, "r3", NEXT_DAY)["results"] == []  # nothing more to delete: a quiet run
     assert _deletes_sent(crm) == sent
