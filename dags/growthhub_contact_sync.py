@@ -52,7 +52,7 @@ row's location is that column's value). The tasks are the same for 1 or 300 loca
 2. **sync**: one mapped task per shard (pool `shards.pool`, one per API host), running
    `shards.location_concurrency` locations at once, each with its own token and rate limit;
 3. **finalize**: one run row per location with work (*extracted = unchanged + created + updated +
-   quarantined + rejected + deferred*); **publish** emits one Asset event per location whose
+   quarantined + rejected + deferred + deleted*); **publish** emits one Asset event per location whose
    contacts changed, through the `growthhub_contacts` AssetAlias (none on a dry run);
 4. **report**: logs the table of counts per location with a total line and the quiet count,
    puts them on the run's note and into metrics, alerts once over the reject-rate threshold.
@@ -60,7 +60,8 @@ row's location is that column's value). The tasks are the same for 1 or 300 loca
 **Backfill**: `airflow backfill create --dag-id growthhub_contact_sync --from-date ... --to-date ...`.
 **Params**: `full_refresh` (ignore window and ledger: send everything), `dry_run` (count and show
 sample payloads, write nothing, emit no Asset event; its note starts with DRY RUN), `locations`
-(names or ids to sync, checked at plan time; empty = all), `lookback_minutes`.
+(names or ids to sync, checked at plan time; empty = all), `lookback_minutes`, `allow_mass_delete`
+(let a run delete or tag more than `deletes.max_fraction` of a location's contacts).
 
 **When it fails** you get one alert naming the failed location(s) and the cause. A location
 whose token GrowthHub refuses (401/403) or whose config is wrong stops at once, without retries,
@@ -82,6 +83,11 @@ their reasons: fix them at the source, then trigger `growthhub_quarantine_replay
     params={
         "full_refresh": Param(False, type="boolean", description="Ignore window and ledger; send every row."),
         "dry_run": Param(False, type="boolean", description="Count and sample payloads; write nothing."),
+        "allow_mass_delete": Param(
+            False,
+            type="boolean",
+            description="Delete or tag over deletes.max_fraction of a location's contacts.",
+        ),
         "locations": Param(
             [],
             type="array",
@@ -158,6 +164,7 @@ def _options(context: dict[str, Any]) -> SyncOptions:
         dag_id=context["dag"].dag_id,
         dry_run=params["dry_run"],
         full_refresh=params["full_refresh"],
+        allow_mass_delete=params["allow_mass_delete"],
     )
 
 

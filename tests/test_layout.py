@@ -45,6 +45,7 @@ LAYERS = {
     "batch": 6,
     "pipeline": 7,
     "alerts": 7,
+    "deletes": 7,
     "orchestration": 8,
     "operator_view": 8,
     "fleet": 8,

@@ -71,6 +71,8 @@ class SyncOptions:
     keep_results: bool = True
     """Store GX validation results (JSON) for Data Docs."""
     flush_every: int = 500
+    allow_mass_delete: bool = False
+    """Let a run delete or tag more than ``deletes.max_fraction`` of a location's contacts."""
     """API outcomes recorded per transaction: bounds what a killed worker sends twice."""
 
 

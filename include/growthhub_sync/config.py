@@ -345,6 +345,32 @@ class LocationRouting(_Model):
     _col = field_validator("from_column")(lambda v: _identifier(v, "column"))
 
 
+class DeletesConfig(_Model):
+    """What a contact deleted in the warehouse becomes in GrowthHub: nothing (``ignore``), a
+    ``tag`` added, or deleted (``delete``). ``detect``: rows whose ``column`` (a flag or a
+    timestamp) is set in the window, or ledger keys ``missing`` from the source (full refresh
+    only). A run that would touch more than ``max_fraction`` of a location's synced contacts stops."""
+
+    mode: Literal["ignore", "tag", "delete"] = "ignore"
+    detect: Literal["column", "missing"] = "column"
+    column: str | None = None
+    tag: str = Field(default="deleted-in-warehouse", min_length=1)
+    max_fraction: float = Field(default=0.05, ge=0, le=1)
+
+    _col = field_validator("column")(lambda v: _identifier(v, "column"))
+
+    @model_validator(mode="after")
+    def _needs_column(self) -> DeletesConfig:
+        if self.mode != "ignore" and self.detect == "column" and not self.column:
+            raise ValueError("column: detect: column needs the flag or timestamp column (e.g. is_deleted)")
+        return self
+
+    @property
+    def flag_column(self) -> str | None:
+        """The column that marks deleted rows, when deletes are detected by one (else ``None``)."""
+        return self.column if self.mode != "ignore" and self.detect == "column" else None
+
+
 class ShardsConfig(_Model):
     """How a run's work is spread: at most ``max`` mapped sync tasks (shards), each running up to
     ``location_concurrency`` locations at once (threads); every shard task takes a slot of ``pool``
@@ -384,6 +410,7 @@ class SyncConfig(_Model):
     location_routing: LocationRouting = Field(default_factory=LocationRouting)
     """From the mapping form of ``locations``: the routing column and the agency connection."""
     shards: ShardsConfig = Field(default_factory=ShardsConfig)
+    deletes: DeletesConfig = Field(default_factory=DeletesConfig)
     mapping: MappingConfig
     quality: QualityConfig = Field(default_factory=QualityConfig)
     state: StateConfig = Field(default_factory=StateConfig)

@@ -128,6 +128,9 @@ class Source:
             column(c, DateTime(timezone=True)) if c == src.updated_at_column else column(c)
             for c in self.columns
         ]
+        flag = config.deletes.flag_column
+        if flag and flag not in self.columns:  # read to skip deleted rows, not hashed
+            cols.append(column(flag))
         self.table: TableClause = table(src.table, *cols, schema=src.schema_)
         self.key = self.table.c[src.key_column]
         self.updated_at = self.table.c[src.updated_at_column]
@@ -136,6 +139,13 @@ class Source:
         self.routing: list[ColumnElement[bool]] = [
             _route(self.table.c[c], v) for c, v in location.filter.items()
         ]
+        """The location's rows; with ``deletes.column``, only those not flagged deleted."""
+        self.deleted: ColumnElement[bool] | None = _flagged(self.table.c[flag]) if flag else None
+        """Rows flagged deleted: never sent, :mod:`~growthhub_sync.deletes` handles them."""
+        self.located = list(self.routing)
+        """The location's rows, deleted or not."""
+        if self.deleted is not None:
+            self.routing.append(~self.deleted)
         # each row arrives with its ledger and open-quarantine hashes: the diff needs no lookups
         led, q = tables.ledger, tables.quarantine
         skey = cast(self.key, String)
@@ -181,7 +191,7 @@ class Source:
 
     def by_keys(self, keys: Sequence[str], *, full: bool = False) -> Select[Any]:
         """Narrow rows (or full rows, in :attr:`columns` order) of the given keys."""
-        stmt = select(*self.table.c) if full else self._select()
+        stmt = select(*(self.table.c[c] for c in self.columns)) if full else self._select()
         return stmt.where(cast(self.key, String).in_(list(keys)) if keys else false(), *self.routing)
 
     def _select(self) -> Select[Any]:
@@ -190,6 +200,11 @@ class Source:
     def scope(self, window: Window) -> ColumnElement[bool]:
         """Rows a run over ``window`` must account for: in the window or pending."""
         return and_(or_(self.in_window(window), self._is_pending()), *self.routing)
+
+
+def _flagged(col: ColumnElement[Any]) -> ColumnElement[bool]:
+    """A flag that is true or a timestamp that is set: not NULL, not false (``false``/``f``/``0``)."""
+    return and_(col.is_not(None), func.lower(cast(col, String)).not_in(("false", "f", "0")))
 
 
 def _route(col: ColumnElement[Any], value: str | int | bool | None) -> ColumnElement[bool]:

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import String, cast, func, select, union_all
 
-from growthhub_sync import failures, state
+from growthhub_sync import deletes, failures, state
 from growthhub_sync.config import UNROUTED, ConfigError
 from growthhub_sync.extract import KeyRange, Source, Window, plan_key_ranges
 from growthhub_sync.outcomes import QuarantineRow, Summary, SyncInvariantError
@@ -131,6 +131,7 @@ def plan_fleet(
         work, known = _routed_work(config, eng, tables, win, directory or hook_directory)
     else:
         work, known = _listed_work(config, eng, tables, win)
+    _add_deletes(config, eng, work, known, win, o)
     work = {name: work[name] for name in _selected(config, work, known, requested)}
     quiet = len(known - set(work)) if not requested else 0
     size = batch_rows or config.batch_size
@@ -204,6 +205,20 @@ def _listed_work(
             if n:
                 work[loc.name] = _Work(n)
     return work, {loc.name for loc in config.locations}
+
+
+def _add_deletes(
+    config: SyncConfig, eng: Engine, work: dict[str, _Work], known: set[str], win: Window, o: SyncOptions
+) -> None:
+    """Give the locations without rows in the run but with contacts to delete or tag a work item
+    (its first item runs :func:`~growthhub_sync.deletes.apply_deletes`)."""
+    if config.deletes.mode == "ignore":
+        return
+    with eng.connect() as conn:
+        for name in sorted(known - set(work)):
+            loc = config.location(name)
+            if deletes.doomed(conn, config, loc, win, o.full_refresh) or deletes.held(conn, config, loc, win):
+                work[name] = _Work()
 
 
 def _selected(
@@ -320,6 +335,10 @@ def _sync_location(
         if upserter is None and not o.dry_run:  # a bad token fails before anything is sent
             require_connection(loc)
             check_access(loc)
+        if any(item["lo"] is None for item in items):  # the location's first item: once a run
+            win = sync_window(window, o.full_refresh)
+            if erased := deletes.apply_deletes(config, loc, win, o, eng, upserter):
+                batches.append(erased)
         for item in items:
             key_range = KeyRange.from_dict(dict(item))
             batches.append(sync_batch(config, name, window, key_range, o, engine=eng, upserter=upserter))

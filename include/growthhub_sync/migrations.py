@@ -30,6 +30,13 @@ def upgrade_quarantine(engine: Engine, quarantine: Table) -> None:
     _backfill_reason_codes(engine, quarantine)
 
 
+def upgrade_runs(engine: Engine, runs: Table) -> None:
+    """Give a runs table the ``deleted`` count, 0 for the runs recorded before it."""
+    _add_column(engine, runs, runs.c.deleted)
+    with engine.begin() as conn:
+        conn.execute(update(runs).where(runs.c.deleted.is_(None)).values(deleted=0))
+
+
 def legacy_codes(
     stage: str, http_status: int | None, errors: Sequence[Any], duplicate_of: str | None
 ) -> list[str]:

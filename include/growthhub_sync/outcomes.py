@@ -2,8 +2,9 @@
 rows it leaves behind (quarantined, pending) with their reasons.
 
 Every extracted row ends in exactly one outcome (:data:`OUTCOMES`): ``unchanged``, ``created``,
-``updated``, ``quarantined`` (quality), ``rejected`` (API 400/422) or ``deferred`` (quota or
-transient failure: kept pending and picked up first next time). :class:`Summary` checks that
+``updated``, ``quarantined`` (quality), ``rejected`` (API 400/422), ``deferred`` (quota or
+transient failure: kept pending and picked up first next time) or ``deleted`` (gone from the
+warehouse: deleted or tagged in the CRM, :mod:`~growthhub_sync.deletes`). :class:`Summary` checks that
 invariant per chunk and per run. Cheap to import (the DAG processor reads the outcome names).
 """
 
@@ -18,7 +19,7 @@ from typing import Any, Literal
 from growthhub_provider.masking import mask_pii
 from growthhub_sync.reasons import DUPLICATE_IDENTITY, join_codes
 
-OUTCOMES = ("unchanged", "created", "updated", "quarantined", "rejected", "deferred")
+OUTCOMES = ("unchanged", "created", "updated", "quarantined", "rejected", "deferred", "deleted")
 RUN_COUNTS = ("extracted", *OUTCOMES)
 """The counts a run row stores: extracted = the sum of the outcomes."""
 _COUNTERS = (
@@ -38,7 +39,7 @@ _DUPLICATE_ERROR = re.compile(r"^duplicate identity of (.+)$")
 
 
 class SyncInvariantError(RuntimeError):
-    """extracted != unchanged + created + updated + quarantined + rejected + deferred."""
+    """extracted != unchanged + created + updated + quarantined + rejected + deferred + deleted."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,8 @@ class Summary:
     quarantined: int = 0
     rejected: int = 0
     deferred: int = 0
+    deleted: int = 0
+    """Rows deleted in the warehouse whose contact was deleted (or tagged) in the CRM."""
     warnings: int = 0
     checked: int = 0
     """Rows that went through the GX suite (the others were settled by their hashes)."""

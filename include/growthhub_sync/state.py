@@ -35,7 +35,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from growthhub_sync.keyed import rows_by_key
-from growthhub_sync.migrations import upgrade_quarantine
+from growthhub_sync.migrations import upgrade_quarantine, upgrade_runs
 from growthhub_sync.outcomes import RUN_COUNTS
 from growthhub_sync.reasons import having_any, split_codes
 
@@ -48,8 +48,7 @@ if TYPE_CHECKING:
 
 _OPEN = text("status = 'open'")  # a literal: ON CONFLICT must repeat the partial index's predicate verbatim
 _CHUNK = 2000  # keys per IN (...) list: well under SQLite's variable limit
-# what a quarantine row's next failure overwrites (the rest: first seen, attempts, status)
-_QUARANTINE_UPDATED = (
+_QUARANTINE_UPDATED = (  # what a quarantine row's next failure overwrites (not first seen, attempts, status)
     "stage", "http_status", "errors", "reason_codes", "payload", "source_hash", "duplicate_of",
     "dag_id", "run_id", "last_seen_at",
 )  # fmt: skip
@@ -181,6 +180,7 @@ def ensure_state(engine: Engine, tables: StateTables) -> None:
         try:
             tables.metadata.create_all(engine, checkfirst=True)
             upgrade_quarantine(engine, tables.quarantine)
+            upgrade_runs(engine, tables.runs)
             for index in (*tables.quarantine.indexes, *tables.runs.indexes):  # tables older than the page's
                 index.create(engine, checkfirst=True)
             return

@@ -132,9 +132,11 @@ def test_sync_dag_does_not_catch_up(parsed: Parsed) -> None:
 
 def test_sync_dag_params(parsed: Parsed) -> None:
     params = _dag(parsed, SYNC_DAG_ID).params
-    assert set(params.keys()) == {"full_refresh", "dry_run", "locations", "lookback_minutes"}
+    expected = {"full_refresh", "dry_run", "allow_mass_delete", "locations", "lookback_minutes"}
+    assert set(params.keys()) == expected
     assert params["full_refresh"] is False
     assert params["dry_run"] is False
+    assert params["allow_mass_delete"] is False
     assert params["locations"] == []
     assert params["lookback_minutes"] == 0
 

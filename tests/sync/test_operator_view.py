@@ -60,10 +60,11 @@ def _airflow_logging() -> None:
 def test_note_has_a_table_row_of_outcomes_per_location() -> None:
     note = run_note([RESULT, OTHER], dry_run=False)
     lines = note.splitlines()
-    header = "| location | extracted | unchanged | created | updated | quarantined | rejected | deferred |"
+    outcomes = "unchanged | created | updated | quarantined | rejected | deferred | deleted"
+    header = f"| location | extracted | {outcomes} |"
     assert lines[0] == header
-    assert "| default | 60 | 10 | 30 | 5 | 12 | 2 | 1 |" in lines
-    assert "| eu.west | 5 | 0 | 5 | 0 | 0 | 0 | 0 |" in lines
+    assert "| default | 60 | 10 | 30 | 5 | 12 | 2 | 1 | 0 |" in lines
+    assert "| eu.west | 5 | 0 | 5 | 0 | 0 | 0 | 0 | 0 |" in lines
     assert DRY_RUN_LINE not in note
 
 

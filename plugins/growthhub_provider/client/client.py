@@ -17,7 +17,6 @@ import logging
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -44,6 +43,7 @@ from growthhub_provider.client.errors import (
     GrowthHubTransientError,
 )
 from growthhub_provider.client.responses import (
+    UpsertResult,
     api_messages,
     body_kind,
     contact_in,
@@ -52,6 +52,7 @@ from growthhub_provider.client.responses import (
     raise_for_status,
     read_body,
     short,
+    upsert_result,
 )
 from growthhub_provider.client.settings import RetryTally
 from growthhub_provider.masking import mask_pii
@@ -71,15 +72,6 @@ _CONNECTION_TEST_CONTACT = "growthhub-connection-test"
 
 class _DailyQuotaReached(Exception):
     """The known daily quota fell to the caller's reserve: the row is not sent."""
-
-
-@dataclass(frozen=True)
-class UpsertResult:
-    """What one successful upsert returned."""
-
-    contact_id: str
-    new: bool
-    trace_id: str | None
 
 
 class GrowthHubClient:
@@ -445,17 +437,7 @@ class GrowthHubClient:
         """
         body = self._with_location(payload)
         response = self.config.retry.retrying()(self._call, "POST", UPSERT_ENDPOINT, body)
-        return self._upsert_result(response)
-
-    @staticmethod
-    def _upsert_result(response: requests.Response) -> UpsertResult:
-        data = json_object(response)
-        trace_id = data.get("traceId")
-        return UpsertResult(
-            contact_id=contact_in(data, response.status_code)["id"],
-            new=bool(data.get("new")),
-            trace_id=trace_id if isinstance(trace_id, str) else None,
-        )
+        return upsert_result(response)
 
     def get_contact(self, contact_id: str) -> dict[str, Any]:
         """
@@ -465,6 +447,13 @@ class GrowthHubClient:
         """
         response = self.config.retry.retrying()(self._call, "GET", f"/contacts/{quote(contact_id, safe='')}")
         return contact_in(json_object(response), response.status_code)
+
+    def delete_contact(self, contact_id: str) -> bool:
+        """Delete one contact (an erasure): ``True`` if deleted, ``False`` if it was already gone (404)."""
+        with contextlib.suppress(GrowthHubNotFound):
+            self.config.retry.retrying()(self._call, "DELETE", f"/contacts/{quote(contact_id, safe='')}")
+            return True
+        return False
 
     def check(self) -> tuple[bool, str]:
         """Check base URL, token and Version by fetching a contact that does not exist (404 = fine)."""
@@ -494,7 +483,7 @@ class GrowthHubClient:
             return self._call("POST", UPSERT_ENDPOINT, row.payload, daily_reserve if attempts == 1 else None)
 
         try:
-            result = self._upsert_result(retrying(attempt))
+            result = upsert_result(retrying(attempt))
         except _DailyQuotaReached:
             return UpsertOutcome(row.key, "skipped")
         except GrowthHubRejected as e:

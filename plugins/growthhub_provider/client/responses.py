@@ -9,6 +9,7 @@ trusts their size, encoding or shape, and nothing quotes more than a short, one-
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import requests
@@ -181,3 +182,23 @@ def contact_in(data: dict[str, Any], status: int) -> dict[str, Any]:
         detail = f"no contact.id in the JSON ({where} keys: {', '.join(keys)})"
         raise GrowthHubBadResponse(status, short(detail))
     return contact
+
+
+@dataclass(frozen=True)
+class UpsertResult:
+    """What one successful upsert returned."""
+
+    contact_id: str
+    new: bool
+    trace_id: str | None
+
+
+def upsert_result(response: requests.Response) -> UpsertResult:
+    """The contact id, whether it is new and the trace id of a 2xx upsert answer."""
+    data = json_object(response)
+    trace_id = data.get("traceId")
+    return UpsertResult(
+        contact_id=contact_in(data, response.status_code)["id"],
+        new=bool(data.get("new")),
+        trace_id=trace_id if isinstance(trace_id, str) else None,
+    )

@@ -395,6 +395,10 @@ class GrowthHubHook(HttpHook):
         """Fetch one contact; see :meth:`GrowthHubClient.get_contact`."""
         return self.client.get_contact(contact_id)
 
+    def delete_contact(self, contact_id: str) -> bool:
+        """Delete one contact (``False``: already gone); see :meth:`GrowthHubClient.delete_contact`."""
+        return self.client.delete_contact(contact_id)
+
     def upsert_contacts(
         self, rows: Iterable[tuple[str, dict[str, Any]]], *, daily_reserve: int = 0
     ) -> Iterator[UpsertOutcome]:
