@@ -11,13 +11,15 @@ not a POST silently turned GET) and no cookies are kept (the API sets none).
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import json
+import select
 import socket
 import ssl
 import threading
-import weakref
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any
@@ -171,9 +173,24 @@ def _decoded(answer: Answer, encoding: str) -> None:
     answer.content = content
 
 
+def _dropped(connection: http.client.HTTPConnection) -> bool:
+    """
+    Whether the server closed an idle keep-alive connection: nothing is owed on it, so anything
+    readable is its EOF (or a stray byte, as bad). One poll, instead of a wasted send.
+    """
+    poller = select.poll()
+    poller.register(connection.sock, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 class Transport:
     """
-    Sends requests over per-thread keep-alive connections, one per origin and worker thread.
+    Sends requests over keep-alive connections: one per request in flight, reused by any thread.
+
+    A request takes the most recently used idle connection of its origin (so the few that stay
+    busy stay warm and the rest age out at the server) and gives it back once the body is read.
+    Idle connections sit in a deque per origin, whose ``append``/``pop`` are atomic: no lock per
+    request, and worker threads may come and go without costing a connection each.
 
     :param timeout: seconds to connect, and to wait for each read.
     :param verify: TLS verification (see :func:`tls_context`).
@@ -185,11 +202,9 @@ class Transport:
         self.timeout = timeout
         self.verify = verify
         self.proxies = dict(proxies)
-        self._local = threading.local()
+        self._idle: dict[tuple[str, str, int], deque[http.client.HTTPConnection]] = {}
         self._tls: ssl.SSLContext | None = None
         self._tls_lock = threading.Lock()
-        # Every connection, so close() can end those of threads that are gone or busy elsewhere.
-        self._open: weakref.WeakSet[http.client.HTTPConnection] = weakref.WeakSet()
 
     def _proxy_for(self, url: str) -> str | None:
         """The proxy of ``url``, chosen as requests' ``select_proxy`` does (most specific first)."""
@@ -208,16 +223,21 @@ class Transport:
                 self._tls = tls_context(self.verify)
             return self._tls
 
-    def _connection(self, route: _Route) -> http.client.HTTPConnection:
-        connections: dict[tuple[str, str, int], http.client.HTTPConnection] | None
-        connections = getattr(self._local, "connections", None)
-        if connections is None:
-            connections = self._local.connections = {}
-        connection = connections.get(route.key)
-        if connection is None:
-            connection = connections[route.key] = self._new_connection(route)
-            self._open.add(connection)
-        return connection
+    def _checkout(self, route: _Route) -> http.client.HTTPConnection:
+        """An idle connection of the route's origin that the server has not closed, else a new one."""
+        idle = self._idle.get(route.key)
+        while idle:
+            try:
+                connection = idle.pop()
+            except IndexError:  # another thread took the last one
+                break
+            if connection.sock is not None and not _dropped(connection):
+                return connection
+            connection.close()
+        return self._new_connection(route)
+
+    def _checkin(self, route: _Route, connection: http.client.HTTPConnection) -> None:
+        self._idle.setdefault(route.key, deque()).append(connection)
 
     def _new_connection(self, route: _Route) -> http.client.HTTPConnection:
         scheme, host, port = route.key
@@ -228,11 +248,6 @@ class Transport:
         if route.proxy is not None:
             connection.set_tunnel(host, port, headers=route.proxy_headers)
         return connection
-
-    def _drop(self, route: _Route) -> None:
-        connection = self._local.connections.pop(route.key, None)
-        if connection is not None:
-            connection.close()
 
     def request(self, method: str, url: str, headers: dict[str, str], body: bytes | None = None) -> Answer:
         """
@@ -247,35 +262,42 @@ class Transport:
         route = _route(url, self._proxy_for(url))
         if route.proxy is not None and route.key[0] == "http" and route.proxy_headers:
             headers = {**headers, **route.proxy_headers}
+        connection = self._checkout(route)
         response = None
         try:
-            response = self._exchange(route, method, headers, body)
+            connection, response = self._exchange(route, connection, method, headers, body)
             answer = self._read(response, headers)
         except BaseException as e:
-            self._drop(route)
+            connection.close()
             if isinstance(e, (OSError, http.client.HTTPException)):
                 raise _transport_error(e, in_body=response is not None) from e
             raise
         if answer.problem:  # the rest of a huge or broken body is not drained: the connection goes
-            self._drop(route)
+            connection.close()
+        else:
+            self._checkin(route, connection)
         return answer
 
     def _exchange(
-        self, route: _Route, method: str, headers: dict[str, str], body: bytes | None
-    ) -> http.client.HTTPResponse:
-        """Request and status line; once more on a fresh connection if a reused one was stale."""
-        connection = self._connection(route)
+        self,
+        route: _Route,
+        connection: http.client.HTTPConnection,
+        method: str,
+        headers: dict[str, str],
+        body: bytes | None,
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """Request and status line; once more on a new connection if a reused one was stale."""
         reused = connection.sock is not None
         try:
             connection.request(method, route.target, body, headers)
-            return connection.getresponse()
+            return connection, connection.getresponse()
         except _STALE:
             if not reused:
                 raise
-        self._drop(route)
-        connection = self._connection(route)
+        connection.close()
+        connection = self._new_connection(route)
         connection.request(method, route.target, body, headers)
-        return connection.getresponse()
+        return connection, connection.getresponse()
 
     @staticmethod
     def _read(response: http.client.HTTPResponse, headers: Mapping[str, str]) -> Answer:
@@ -296,9 +318,11 @@ class Transport:
         return answer
 
     def close(self) -> None:
-        """Close every connection of every thread (a thread's next request opens a new one)."""
-        for connection in list(self._open):
-            connection.close()
+        """Close the idle connections (a later request opens new ones)."""
+        for idle in list(self._idle.values()):
+            while idle:
+                with contextlib.suppress(IndexError):
+                    idle.pop().close()
 
 
 def _transport_error(error: OSError | http.client.HTTPException, *, in_body: bool) -> GrowthHubTransportError:
