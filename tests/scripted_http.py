@@ -9,6 +9,7 @@ the ways a network does: a dropped connection, no answer in time, a body cut sho
 from __future__ import annotations
 
 import json
+import ssl
 import threading
 import time
 from collections import Counter
@@ -202,12 +203,20 @@ class _Server(ThreadingHTTPServer):
 
 
 def serve(
-    key: Callable[[Recorded], str] = by_method_and_path, default: Reply | None = None
+    key: Callable[[Recorded], str] = by_method_and_path,
+    default: Reply | None = None,
+    tls: ssl.SSLContext | None = None,
 ) -> Iterator[ScriptedApi]:
-    """Run a scripted server on a free loopback port for the duration (a fixture's body)."""
+    """
+    Run a scripted server on a free loopback port for the duration (a fixture's body).
+
+    :param tls: serve HTTPS with this server context (its certificate must name 127.0.0.1).
+    """
     server = _Server(("127.0.0.1", 0), _Handler)
+    if tls is not None:
+        server.socket = tls.wrap_socket(server.socket, server_side=True)
     host, port = server.server_address[:2]
-    server.api = ScriptedApi(f"http://{host}:{port}", key, default)
+    server.api = ScriptedApi(f"{'https' if tls else 'http'}://{host}:{port}", key, default)
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     try:
