@@ -45,6 +45,7 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     fault: Fault | None = None
     delay_s: float = 0.0
+    hang_up: bool = False  # close the connection after answering, unannounced (an idle timeout)
 
 
 def json_reply(status: int, data: Any, **headers: str) -> Reply:
@@ -178,7 +179,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         for chunk in self._chunks(reply):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if reply.chunked else chunk)
-        if reply.fault == "broken-body":
+        if reply.fault == "broken-body" or reply.hang_up:
             self.close_connection = True
         elif reply.chunked:
             self.wfile.write(b"0\r\n\r\n")
