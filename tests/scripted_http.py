@@ -139,6 +139,7 @@ class ScriptedApi:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the API does
+    disable_nagle_algorithm = True  # headers and body are written apart: no 40 ms stall between
     server: _Server
 
     def log_message(self, format: str, *args: Any) -> None:

@@ -18,6 +18,7 @@ import select
 import socket
 import ssl
 import threading
+import time
 import zlib
 from collections import deque
 from dataclasses import dataclass, field
@@ -43,6 +44,9 @@ if TYPE_CHECKING:
 # is cut, its connection dropped, rather than read into a worker's memory.
 MAX_RESPONSE_BYTES = 1024 * 1024
 _DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+# A connection idle for less than this is reused unchecked (servers keep idle ones for seconds);
+# one the server closed even so is caught by the send, and replaced.
+_FRESH_S = 1.0
 # Send on a reused connection that the server had closed meanwhile: these, before any answer byte.
 _STALE = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError)
 
@@ -96,16 +100,39 @@ def _keep_alive(sock: socket.socket) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
 
 
-class _HTTPConnection(http.client.HTTPConnection):
+class _OneSend:
+    """
+    Connection behaviour shared by http and https: TCP keepalive, a request in one ``send``.
+
+    ``http.client`` sends the headers and the body apart: two system calls, each letting go of the
+    GIL, which among a hundred busy worker threads is what costs. ``idle_since`` tells
+    :class:`Transport` when the connection last finished an answer.
+    """
+
+    sock: socket.socket
+    _buffer: list[bytes]
+    idle_since = 0.0
+
     def connect(self) -> None:
-        super().connect()
+        super().connect()  # type: ignore[misc]
         _keep_alive(self.sock)
 
+    def _send_output(self, message_body: bytes | None = None, encode_chunked: bool = False) -> None:
+        self._buffer.extend((b"", message_body or b""))
+        message = b"\r\n".join(self._buffer)
+        del self._buffer[:]
+        self.send(message)  # type: ignore[attr-defined]
 
-class _HTTPSConnection(http.client.HTTPSConnection):
-    def connect(self) -> None:
-        super().connect()
-        _keep_alive(self.sock)
+
+class _HTTPConnection(_OneSend, http.client.HTTPConnection):
+    pass
+
+
+class _HTTPSConnection(_OneSend, http.client.HTTPSConnection):
+    pass
+
+
+_Connection = _HTTPConnection | _HTTPSConnection
 
 
 def tls_context(verify: bool | str) -> ssl.SSLContext:
@@ -173,7 +200,7 @@ def _decoded(answer: Answer, encoding: str) -> None:
     answer.content = content
 
 
-def _dropped(connection: http.client.HTTPConnection) -> bool:
+def _dropped(connection: _Connection) -> bool:
     """
     Whether the server closed an idle keep-alive connection: nothing is owed on it, so anything
     readable is its EOF (or a stray byte, as bad). One poll, instead of a wasted send.
@@ -202,7 +229,7 @@ class Transport:
         self.timeout = timeout
         self.verify = verify
         self.proxies = dict(proxies)
-        self._idle: dict[tuple[str, str, int], deque[http.client.HTTPConnection]] = {}
+        self._idle: dict[tuple[str, str, int], deque[_Connection]] = {}
         self._tls: ssl.SSLContext | None = None
         self._tls_lock = threading.Lock()
 
@@ -223,7 +250,7 @@ class Transport:
                 self._tls = tls_context(self.verify)
             return self._tls
 
-    def _checkout(self, route: _Route) -> http.client.HTTPConnection:
+    def _checkout(self, route: _Route) -> _Connection:
         """An idle connection of the route's origin that the server has not closed, else a new one."""
         idle = self._idle.get(route.key)
         while idle:
@@ -231,15 +258,18 @@ class Transport:
                 connection = idle.pop()
             except IndexError:  # another thread took the last one
                 break
-            if connection.sock is not None and not _dropped(connection):
+            if connection.sock is not None and (
+                time.monotonic() - connection.idle_since < _FRESH_S or not _dropped(connection)
+            ):
                 return connection
             connection.close()
         return self._new_connection(route)
 
-    def _checkin(self, route: _Route, connection: http.client.HTTPConnection) -> None:
+    def _checkin(self, route: _Route, connection: _Connection) -> None:
+        connection.idle_since = time.monotonic()
         self._idle.setdefault(route.key, deque()).append(connection)
 
-    def _new_connection(self, route: _Route) -> http.client.HTTPConnection:
+    def _new_connection(self, route: _Route) -> _Connection:
         scheme, host, port = route.key
         dial_host, dial_port = route.proxy or (host, port)
         if scheme == "http":
@@ -281,11 +311,11 @@ class Transport:
     def _exchange(
         self,
         route: _Route,
-        connection: http.client.HTTPConnection,
+        connection: _Connection,
         method: str,
         headers: dict[str, str],
         body: bytes | None,
-    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    ) -> tuple[_Connection, http.client.HTTPResponse]:
         """Request and status line; once more on a new connection if a reused one was stale."""
         reused = connection.sock is not None
         try:
