@@ -14,6 +14,7 @@ import base64
 import contextlib
 import http.client
 import json
+import logging
 import select
 import socket
 import ssl
@@ -40,6 +41,7 @@ from growthhub_provider.client.errors import (
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
+_log = logging.getLogger(__name__)
 # An upsert answer is a few KB; a body past this comes from something broken (a proxy, a bug) and
 # is cut, its connection dropped, rather than read into a worker's memory.
 MAX_RESPONSE_BYTES = 1024 * 1024
@@ -306,6 +308,8 @@ class Transport:
             connection.close()
         else:
             self._checkin(route, connection)
+        if _log.isEnabledFor(logging.DEBUG):  # the request line only: headers and bodies hold secrets
+            _log.debug('"%s %s" %s, %d bytes', method, route.target, answer.status_code, len(answer.content))
         return answer
 
     def _exchange(
