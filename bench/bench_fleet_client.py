@@ -12,6 +12,8 @@ Usage::
     python bench/bench_fleet_client.py                         # 100 locations x 250 rows, ~25 s
     python bench/bench_fleet_client.py --locations 10 --rows 150   # smoke run
     python bench/bench_fleet_client.py --profile 40            # plus the top 40 functions by tottime
+    python bench/bench_fleet_client.py --workers 8             # 8 worker threads per client
+    python bench/bench_fleet_client.py --locations 1 --rows 4000 --burst 100000 --latency-ms 0  # one client
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from bench_hook import _rows
 from growthhub_provider.client import ClientConfig, GrowthHubClient, LimitSettings, LocalCoordination
 from growthhub_sandbox.testing import SandboxAdmin, SandboxProcess
 
-LIMIT = LimitSettings()  # GrowthHub's default: 100 requests per 10 s per location
+DEFAULT_LIMIT = LimitSettings()  # GrowthHub's default: 100 requests per 10 s per location
 
 
 def _process_cpu_s() -> float:
@@ -55,11 +57,50 @@ def _profile_new_threads() -> list[cProfile.Profile]:
     return profiles
 
 
-def _set_up(admin: SandboxAdmin, locations: int, latency_ms: float) -> list[str]:
-    """``locations`` fresh locations at the default limit, each with token ``tok-<location>``."""
+# Where a function's file lies decides its group in the profile summary; first match wins.
+PROFILE_GROUPS = (
+    ("requests", "/requests/"),
+    ("urllib3", "/urllib3/"),
+    ("http.client + email", "/http/"),
+    ("http.client + email", "/email/"),
+    ("tenacity", "/tenacity/"),
+    ("threading, queues, futures", "threading.py"),
+    ("threading, queues, futures", "/concurrent/"),
+    ("threading, queues, futures", "queue.py"),
+    ("our code", "growthhub_provider"),
+    ("json", "/json/"),
+    ("logging", "/logging/"),
+    ("socket, ssl, selectors", "socket.py"),
+    ("socket, ssl, selectors", "selectors.py"),
+)
+
+
+def print_by_group(stats: pstats.Stats, upserts: int) -> None:
+    """Own time and calls per upsert by library, so the cost of each layer reads at a glance."""
+    seconds: Counter[str] = Counter()
+    calls: Counter[str] = Counter()
+    for (filename, _, name), (_, ncalls, tottime, _, _) in stats.stats.items():  # type: ignore[attr-defined]
+        group = next(
+            (g for g, part in PROFILE_GROUPS if part in filename), "builtins" if filename == "~" else "other"
+        )
+        if group == "builtins" and ("lock" in name or "acquire" in name or "wait" in name):
+            group = "locks (builtin)"
+        seconds[group] += tottime
+        calls[group] += ncalls
+    total = sum(seconds.values())
+    print(
+        f"{'group':<28} {'ms/upsert':>9} {'share':>6} {'calls/upsert':>12}   (profiled: slower than unprofiled)"
+    )
+    for group, spent in seconds.most_common():
+        per = max(upserts, 1)
+        print(f"{group:<28} {1000 * spent / per:9.3f} {spent / total:6.1%} {calls[group] / per:12.0f}")
+
+
+def _set_up(admin: SandboxAdmin, locations: int, latency_ms: float, limit: LimitSettings) -> list[str]:
+    """``locations`` fresh locations at ``limit``, each with token ``tok-<location>``."""
     admin.reset()
     names = [f"fleet-{i:03d}" for i in range(locations)]
-    rate_limit = {"burst": LIMIT.burst, "intervalMs": int(LIMIT.interval_s * 1000), "daily": 200_000}
+    rate_limit = {"burst": limit.burst, "intervalMs": int(limit.interval_s * 1000), "daily": limit.daily}
     for name in names:
         admin.put_location(name, duplicateCheckFields=["email", "phone"], rateLimit=rate_limit)
         admin.add_token(token=f"tok-{name}", locationId=name, scopes=["contacts.write"])
@@ -67,11 +108,14 @@ def _set_up(admin: SandboxAdmin, locations: int, latency_ms: float) -> list[str]
     return names
 
 
-def _drive(base_url: str, names: list[str], rows: int, token_dir: Path) -> tuple[Counter[str], int, float]:
+def _drive(
+    base_url: str, names: list[str], rows: int, token_dir: Path, limit: LimitSettings, workers: int | None
+) -> tuple[Counter[str], int, float]:
     """One thread per location, each upserting ``rows`` rows; ``(outcomes, 429s, wall seconds)``."""
+    sizing = {"max_workers": workers} if workers else {}
     clients = [
         GrowthHubClient(
-            ClientConfig(base_url, name=name, token=f"tok-{name}", location_id=name, limits=LIMIT),
+            ClientConfig(base_url, name=name, token=f"tok-{name}", location_id=name, limits=limit, **sizing),
             coordination=LocalCoordination(base_url, name, token_dir / "tokens.json"),
         )
         for name in names
@@ -102,21 +146,30 @@ def main() -> int:
     parser.add_argument("--locations", type=int, default=100)
     parser.add_argument("--rows", type=int, default=250, help="rows per location")
     parser.add_argument("--latency-ms", type=float, default=20.0)
+    parser.add_argument(
+        "--burst", type=int, default=DEFAULT_LIMIT.burst, help="requests per 10 s per location"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="worker threads per client (default: the client's)"
+    )
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the top N functions")
     args = parser.parse_args()
+    limit = LimitSettings(burst=args.burst, daily=max(200_000, 2 * args.rows))
     logging.getLogger("growthhub_provider").setLevel(logging.WARNING)
 
     with SandboxProcess(args=["--log-level", "warning"]) as server, tempfile.TemporaryDirectory() as tmp:
         admin = SandboxAdmin(server.base_url)
-        names = _set_up(admin, args.locations, args.latency_ms)
+        names = _set_up(admin, args.locations, args.latency_ms, limit)
         profiles = _profile_new_threads() if args.profile else []
         cpu_before = _process_cpu_s()
-        outcomes, throttled, elapsed = _drive(server.base_url, names, args.rows, Path(tmp))
+        outcomes, throttled, elapsed = _drive(
+            server.base_url, names, args.rows, Path(tmp), limit, args.workers
+        )
         cpu = _process_cpu_s() - cpu_before
         stored = sum(len(admin.contacts(name)) for name in names)
 
     upserts = outcomes["created"] + outcomes["updated"]
-    limit_rate = args.locations * LIMIT.burst / LIMIT.interval_s
+    limit_rate = args.locations * limit.burst / limit.interval_s
     figures = {
         "locations": args.locations,
         "upserts": upserts,
@@ -137,6 +190,7 @@ def main() -> int:
         threading.setprofile(None)
         stats = pstats.Stats(*profiles)
         stats.dump_stats(Path(tempfile.gettempdir()) / "bench_fleet_client.pstats")
+        print_by_group(stats, upserts)
         stats.sort_stats("tottime").print_stats(args.profile)
     return 0
 

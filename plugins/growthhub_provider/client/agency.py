@@ -28,7 +28,7 @@ from growthhub_provider.client.errors import (
     GrowthHubTransientError,
 )
 from growthhub_provider.client.responses import api_messages, body_kind, json_object, short
-from growthhub_provider.client.settings import OAuthCredentials
+from growthhub_provider.client.settings import OAuthCredentials, location_workers
 
 if TYPE_CHECKING:
     import logging
@@ -230,16 +230,19 @@ class AgencyClient(GrowthHubClient):
         return token, body.get("expires_in")
 
     def location_client(
-        self, location_id: str, *, coordination: Coordination | None = None
+        self, location_id: str, *, coordination: Coordination | None = None, max_workers: int | None = None
     ) -> GrowthHubClient:
         """
         The client of one location of the agency: a :class:`GrowthHubClient` whose token is minted.
 
         :param coordination: the location's shared state (limiter, minted token); default: local.
+        :param max_workers: its requests in flight; default: what its rate limit can use
+            (:func:`location_workers`), as one process may drive many locations.
         :raises GrowthHubConfigError: it keeps tokens in the agency's token file (minting would
             wait forever for the lock the location already holds).
         """
-        client = _AgencyLocationClient(self, location_id, coordination=coordination)
+        workers = max_workers or location_workers(self.config.limits)
+        client = _AgencyLocationClient(self, location_id, coordination=coordination, max_workers=workers)
         ours, theirs = self.coordination, client.coordination
         if (
             isinstance(ours, LocalCoordination)
@@ -264,7 +267,9 @@ class _AgencyLocationClient(GrowthHubClient):
     their tokens apart even in one token file.
     """
 
-    def __init__(self, agency: AgencyClient, location_id: str, *, coordination: Coordination | None) -> None:
+    def __init__(
+        self, agency: AgencyClient, location_id: str, *, coordination: Coordination | None, max_workers: int
+    ) -> None:
         grant = OAuthCredentials(
             client_id=agency.config.oauth.client_id if agency.config.oauth else agency.config.name,
             client_secret="",
@@ -276,6 +281,7 @@ class _AgencyLocationClient(GrowthHubClient):
             location_id=location_id,
             token=None,
             oauth=grant,
+            max_workers=max_workers,
         )
         super().__init__(config, coordination=coordination, logger=agency.log, on_secret=agency._on_secret)
         self.agency = agency

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import threading
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator, Mapping
-    from concurrent.futures import Future
 
 OutcomeStatus = Literal["created", "updated", "rejected", "failed", "skipped"]
 
@@ -111,9 +110,13 @@ class BatchRow:
     identities: frozenset[str]
 
 
+_Finished = tuple[BatchRow, "UpsertOutcome | None", "BaseException | None"]
+"""A row back from a worker thread: its outcome, or the exception its send raised."""
+
+
 class IdentityWindow:
     """
-    Sends rows on a thread pool, at most ``4 * workers`` held at once, whatever the input's size.
+    Sends rows on worker threads, at most ``4 * workers`` held at once, whatever the input's size.
 
     A row sharing an identity with one in flight, or with an earlier row still waiting, waits: rows
     of one person go out one at a time in input order, so the CRM cannot race into duplicates.
@@ -121,21 +124,27 @@ class IdentityWindow:
     The first row goes out alone, and the window opens once its outcome is known: a bad token or
     an unaccepted ``Version`` then costs one request, not ``workers`` of them.
 
+    Its own threads on two queues rather than a ``ThreadPoolExecutor``: a future per row (its
+    condition, callbacks and the pool's semaphore) cost more CPU than the row's bookkeeping here.
+
     :param workers: sends in flight at once.
-    :param send: sends one row and says how it went; runs on the pool's threads.
+    :param send: sends one row and says how it went; runs on the window's threads.
     """
 
     def __init__(self, workers: int, send: Callable[[BatchRow], UpsertOutcome]) -> None:
         self._send = send
+        self._workers = workers
         self._size = 4 * workers
-        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="growthhub")
+        self._threads: list[threading.Thread] = []
         self._waiting: list[BatchRow] = []
         self._busy: set[str] = set()
-        self._in_flight: dict[Future[UpsertOutcome], BatchRow] = {}
+        self._in_flight = 0
         self._opened = False
         """The first outcome is known: rows may go out ``workers`` at a time."""
-        # Completed futures arrive here: O(1) per row, where wait() re-scans the whole window.
-        self._finished: queue.SimpleQueue[Future[UpsertOutcome]] = queue.SimpleQueue()
+        self._closing = False
+        """Set by :meth:`close`: rows still queued are dropped, not sent."""
+        self._to_send: queue.SimpleQueue[BatchRow | None] = queue.SimpleQueue()
+        self._finished: queue.SimpleQueue[_Finished] = queue.SimpleQueue()
 
     def outcomes(self, rows: Iterator[BatchRow]) -> Iterator[UpsertOutcome]:
         """
@@ -149,19 +158,26 @@ class IdentityWindow:
             self._start_ready()
             if not self._in_flight:
                 return
-            for future in self._completed():
-                self._busy.difference_update(self._in_flight.pop(future).identities)
-                outcome = future.result()
+            for row, outcome, error in self._completed():
+                self._in_flight -= 1
+                self._busy.difference_update(row.identities)
+                if error is not None:
+                    raise error
+                assert outcome is not None  # a send either returned an outcome or raised
                 self._opened = True
                 yield outcome
 
     def close(self) -> None:
         """Drop the rows not started yet and wait for those in flight."""
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self._closing = True
+        for _ in self._threads:
+            self._to_send.put(None)
+        for thread in self._threads:
+            thread.join()
 
     def _fill(self, rows: Iterator[BatchRow]) -> bool:
         """Read rows until the window is full; ``True`` once ``rows`` is exhausted."""
-        while len(self._in_flight) + len(self._waiting) < self._size:
+        while self._in_flight + len(self._waiting) < self._size:
             row = next(rows, None)
             if row is None:
                 return True
@@ -171,20 +187,36 @@ class IdentityWindow:
     def _start_ready(self) -> None:
         held: set[str] = set()  # identities of earlier waiting rows keep their place in line
         still_waiting = []
-        probing = not self._opened and bool(self._in_flight)
+        probing = not self._opened and self._in_flight > 0
         for row in self._waiting:
             if probing or row.identities & self._busy or row.identities & held:
                 held |= row.identities
                 still_waiting.append(row)
                 continue
             self._busy.update(row.identities)
-            future = self._executor.submit(self._send, row)
-            self._in_flight[future] = row
-            future.add_done_callback(self._finished.put)
+            self._in_flight += 1
+            if len(self._threads) < min(self._in_flight, self._workers):
+                self._start_thread()
+            self._to_send.put(row)
             probing = not self._opened
         self._waiting[:] = still_waiting
 
-    def _completed(self) -> list[Future[UpsertOutcome]]:
+    def _start_thread(self) -> None:
+        thread = threading.Thread(target=self._work, name=f"growthhub_{len(self._threads)}", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _work(self) -> None:
+        """A worker thread: send queued rows until told to stop (``None``)."""
+        while (row := self._to_send.get()) is not None:
+            if self._closing:
+                continue
+            try:
+                self._finished.put((row, self._send(row), None))
+            except BaseException as error:  # handed to the caller of outcomes()
+                self._finished.put((row, None, error))
+
+    def _completed(self) -> list[_Finished]:
         """Block for one finished send, then take every other one already finished."""
         done = [self._finished.get()]
         with contextlib.suppress(queue.Empty):

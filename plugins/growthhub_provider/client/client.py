@@ -57,6 +57,8 @@ from growthhub_provider.masking import mask_pii
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Iterator
 
+    import tenacity
+
     from growthhub_provider.client.coordination import Coordination, RateLimiter, TokenStore
     from growthhub_provider.client.settings import ClientConfig
     from growthhub_provider.client.transport import Answer
@@ -443,9 +445,7 @@ class GrowthHubClient:
         with contextlib.suppress(GrowthHubNotFound):
             self.config.retry.retrying()(self._call, "GET", f"/contacts/{_CONNECTION_TEST_CONTACT}")
 
-    def _upsert_row(
-        self, row: BatchRow, daily_reserve: int, abort: threading.Event, retries: RetryTally
-    ) -> UpsertOutcome:
+    def _upsert_row(self, row: BatchRow, daily_reserve: int, retrying: tenacity.Retrying) -> UpsertOutcome:
         attempts = 0
 
         def attempt() -> Answer:
@@ -455,7 +455,7 @@ class GrowthHubClient:
             return self._call("POST", UPSERT_ENDPOINT, row.payload, daily_reserve if attempts == 1 else None)
 
         try:
-            result = self._upsert_result(self.config.retry.retrying(abort, retries.add)(attempt))
+            result = self._upsert_result(retrying(attempt))
         except _DailyQuotaReached:
             return UpsertOutcome(row.key, "skipped")
         except GrowthHubRejected as e:
@@ -504,8 +504,9 @@ class GrowthHubClient:
         failed: Counter[str] = Counter()
         retries = RetryTally()
         abort = threading.Event()
+        retrying = self.config.retry.retrying(abort, retries.add)  # per batch: tenacity 9 is thread-safe
         window = IdentityWindow(
-            self.config.max_workers, lambda row: self._upsert_row(row, daily_reserve, abort, retries)
+            self.config.max_workers, lambda r: self._upsert_row(r, daily_reserve, retrying)
         )
         batch_rows = (
             BatchRow(key, self._with_location(payload), identity_keys(payload)) for key, payload in rows

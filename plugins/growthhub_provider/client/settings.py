@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ if TYPE_CHECKING:
 DEFAULT_API_VERSION = "2023-02-21"
 # Tuned with bench/bench_hook.py: enough requests in flight to hide ~50 ms of latency.
 DEFAULT_MAX_WORKERS = 64
+SLOW_ANSWER_S = 1.0
+"""The answer time a location client's workers hide at its full rate (see :func:`location_workers`)."""
+MIN_LOCATION_WORKERS = 4
 
 _TRUE = {"true", "t", "yes", "y", "on", "1"}
 _FALSE = {"false", "f", "no", "n", "off", "0"}
@@ -81,6 +85,18 @@ class OAuthCredentials:
     client_secret: str = field(repr=False)
     refresh_token: str = field(repr=False)
     user_type: str = "Location"
+
+
+def location_workers(limits: LimitSettings) -> int:
+    """
+    Workers enough to send at ``limits``' rate while each answer takes :data:`SLOW_ANSWER_S`.
+
+    At GrowthHub's 100 requests per 10 s: 10, not :data:`DEFAULT_MAX_WORKERS`. A process driving
+    many locations (an agency) pays for every idle thread in GIL and kernel hand-offs
+    (bench/bench_fleet_client.py).
+    """
+    needed = math.ceil(limits.burst / limits.interval_s * SLOW_ANSWER_S)
+    return max(MIN_LOCATION_WORKERS, min(DEFAULT_MAX_WORKERS, needed))
 
 
 class _Backoff:

@@ -78,7 +78,8 @@ class GrowthHubHook(HttpHook):
         (:class:`GrowthHubConfigError`), or it would throttle this location's traffic under the
         other's limits. Without it, the extra's location is used.
     :param max_workers: concurrent requests of :meth:`upsert_contacts` (default: connection extra,
-        else ``DEFAULT_MAX_WORKERS``).
+        else ``DEFAULT_MAX_WORKERS``; for a location of an agency connection, what its rate limit
+        can use: ``location_workers``).
     :param max_attempts: attempts per row for transient errors (429, 5xx, timeouts, dropped connections).
     :param max_retry_seconds: give up retrying a row after this long.
     :param backoff_initial_s: first backoff; doubles per attempt, plus jitter.
@@ -286,7 +287,11 @@ class GrowthHubHook(HttpHook):
                 f"Connection {self.growthhub_conn_id!r} is an agency connection: give the hook the "
                 "location_id to send to"
             )
-        return self.agency_client.location_client(self.location_id, coordination=self.coordination)
+        return self.agency_client.location_client(
+            self.location_id,
+            coordination=self.coordination,
+            max_workers=self._max_workers or self._int_extra("max_workers", None),
+        )
 
     @cached_property
     def agency_client(self) -> AgencyClient:
