@@ -203,6 +203,9 @@ class _Server(ThreadingHTTPServer):
     api: ScriptedApi
     connections = 0
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """Quiet: clients that hang up or refuse the certificate are what some tests script."""
+
 
 def serve(
     key: Callable[[Recorded], str] = by_method_and_path,
