@@ -21,7 +21,6 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 
-
 class SlowLimiter(LocalRateLimiter):
     """A location so busy that every slot takes ``wait_s`` to come."""
 
@@ -50,7 +49,8 @@ def test_a_token_that_expires_while_waiting_for_a_slot_is_refreshed_before_sendi
         seed, TokenState(refresh_token="rt-1", access_token="at-soon-expired", expires_at=time.time() + 0.1)
     )
     scripted_api.post(
-        "/oauth/token", json_reply(200, {"access_token": "at-fresh", "refresh_token": "rt-2", "expires_in": 3600})
+        "/oauth/token",
+        json_reply(200, {"access_token": "at-fresh", "refresh_token": "rt-2", "expires_in": 3600}),
     )
 
     def upsert(request: Recorded) -> Reply:

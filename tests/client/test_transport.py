@@ -117,7 +117,9 @@ def test_compressed_bodies_are_decoded(scripted_api: ScriptedApi, encoding: str,
     assert scripted_api.last_request.headers["Accept-Encoding"] == "gzip, deflate"
 
 
-def test_a_body_that_inflates_past_the_cap_is_cut_and_its_connection_dropped(scripted_api: ScriptedApi) -> None:
+def test_a_body_that_inflates_past_the_cap_is_cut_and_its_connection_dropped(
+    scripted_api: ScriptedApi,
+) -> None:
     bomb = gzip.compress(b"x" * (8 * MAX_RESPONSE_BYTES))  # 8 MB from a few KB
     scripted_api.get("/ping", Reply(200, bomb, headers={"Content-Encoding": "gzip"}), json_reply(200, {}))
     transport = new_transport()

@@ -104,7 +104,9 @@ def batch(hook: GrowthHubHook) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("reply", "phrase"), UNUSABLE_2XX.values(), ids=UNUSABLE_2XX.keys())
-def test_unusable_2xx_fails_only_its_row_and_is_not_retried(api: ScriptedApi, reply: Reply, phrase: str) -> None:
+def test_unusable_2xx_fails_only_its_row_and_is_not_retried(
+    api: ScriptedApi, reply: Reply, phrase: str
+) -> None:
     api.scripts[BAD] = [reply]
     hook = GrowthHubHook(**FAST)
     outcomes = batch(hook)

@@ -229,7 +229,9 @@ class TestGrowthHubHook:
             assert excinfo.value.status == response.status
             assert excinfo.value.messages == (messages or json.loads(response.body)["message"])
 
-    def test_get_contact_raises_not_found_on_404(self, hook: GrowthHubHook, scripted_api: ScriptedApi) -> None:
+    def test_get_contact_raises_not_found_on_404(
+        self, hook: GrowthHubHook, scripted_api: ScriptedApi
+    ) -> None:
         scripted_api.get("/contacts/nope", error(404, "Contact not found"))
         with pytest.raises(GrowthHubNotFound):
             hook.get_contact("nope")
@@ -304,7 +306,9 @@ class TestGrowthHubHook:
             status = {"bad@x.io": 422, "down@x.io": 500}.get(email, 200)
             if status == 422:
                 return json_reply(422, {"statusCode": 422, "message": ["email is invalid"]})
-            return json_reply(status, {"new": email == "new@x.io", "contact": {"id": f"id-{email}"}, "traceId": "t"})
+            return json_reply(
+                status, {"new": email == "new@x.io", "contact": {"id": f"id-{email}"}, "traceId": "t"}
+            )
 
         scripted_api.post(UPSERT, respond)
         rows = [("1", "new@x.io"), ("2", "old@x.io"), ("3", "bad@x.io"), ("4", "down@x.io")]
@@ -658,13 +662,19 @@ class TestGrowthHubHook:
         caplog.set_level(logging.DEBUG)
         logging.getLogger("urllib3").setLevel(logging.DEBUG)
         scripted_conn(password="expired-access-token", **OAUTH)
-        scripted_api.post(TOKEN, json_reply(200, {"access_token": "fresh-access-token", "refresh_token": "next-refresh"}))
+        scripted_api.post(
+            TOKEN, json_reply(200, {"access_token": "fresh-access-token", "refresh_token": "next-refresh"})
+        )
 
         def upsert(request: Recorded) -> Reply:
             if request.headers["Authorization"] != "Bearer fresh-access-token":
-                return json_reply(401, {"statusCode": 401, "message": "Invalid token: access token is invalid"})
+                return json_reply(
+                    401, {"statusCode": 401, "message": "Invalid token: access token is invalid"}
+                )
             status = {"bad@x.io": 422, "down@x.io": 503}.get(request.json()["email"], 200)
-            return json_reply(status, {"new": True, "contact": {"id": "c"}, "message": ["email bad@x.io is invalid"]})
+            return json_reply(
+                status, {"new": True, "contact": {"id": "c"}, "message": ["email bad@x.io is invalid"]}
+            )
 
         scripted_api.post(UPSERT, upsert)
         hook = GrowthHubHook(**FAST)
@@ -692,7 +702,9 @@ class TestGrowthHubHook:
         from airflow.sdk._shared.secrets_masker import redact
 
         scripted_conn(password="pit-secret-password", **OAUTH)
-        scripted_api.post(TOKEN, json_reply(200, {"access_token": "fresh-access-token", "refresh_token": "next-refresh"}))
+        scripted_api.post(
+            TOKEN, json_reply(200, {"access_token": "fresh-access-token", "refresh_token": "next-refresh"})
+        )
         scripted_api.post(UPSERT, error(401, "Invalid token"), ok())
         GrowthHubHook().upsert_contact({"email": "a@b.co"})
         for secret in ("pit-secret-password", "client-secret-xyz", "fresh-access-token", "next-refresh"):

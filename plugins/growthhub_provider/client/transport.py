@@ -24,8 +24,8 @@ import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import certifi
@@ -173,7 +173,9 @@ def _route(url: str, proxy_url: str | None) -> _Route:
         return _Route(key, target, None, {})
     proxy = urlsplit(proxy_url if "://" in proxy_url else f"http://{proxy_url}")
     if proxy.scheme.lower() != "http" or not proxy.hostname:
-        raise GrowthHubConfigError(f"Proxy {proxy.scheme}://{proxy.hostname} is not supported: use an http:// proxy")
+        raise GrowthHubConfigError(
+            f"Proxy {proxy.scheme}://{proxy.hostname} is not supported: use an http:// proxy"
+        )
     headers = {}
     if proxy.username is not None:
         credentials = f"{unquote(proxy.username)}:{unquote(proxy.password or '')}"
