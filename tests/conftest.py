@@ -6,6 +6,7 @@ import socket
 from collections.abc import Iterator
 
 import pytest
+from scripted_http import ScriptedApi, serve
 
 from growthhub_provider.client.coordination import forget_local_limiters
 from growthhub_sandbox.testing import SandboxAdmin, SandboxProcess
@@ -37,6 +38,12 @@ def sandbox(sandbox_server: SandboxProcess) -> Iterator[SandboxAdmin]:
     admin.reset()
     yield admin
     admin.close()
+
+
+@pytest.fixture
+def scripted_api() -> Iterator[ScriptedApi]:
+    """A scripted HTTP server on a free loopback port (see tests/scripted_http.py)."""
+    yield from serve()
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from scripted_http import Recorded, Reply, ScriptedApi, json_reply
 
 from growthhub_provider.client import (
     ClientConfig,
@@ -17,10 +19,6 @@ from growthhub_provider.client.limiter import LocalRateLimiter
 
 if TYPE_CHECKING:
     from pathlib import Path
-
-    import requests_mock as rm
-
-URL = "http://growthhub.test"
 
 
 class SlowLimiter(LocalRateLimiter):
@@ -41,30 +39,30 @@ class BusyLocation(LocalCoordination):
 
 
 def test_a_token_that_expires_while_waiting_for_a_slot_is_refreshed_before_sending(
-    tmp_path: Path, requests_mock: rm.Mocker
+    tmp_path: Path, scripted_api: ScriptedApi
 ) -> None:
     seed = "rt-seed"
-    coordination = BusyLocation(URL, "loc1", tmp_path / "tokens.json")
+    url = scripted_api.base_url
+    coordination = BusyLocation(url, "loc1", tmp_path / "tokens.json")
     # Another worker's token, valid for 0.1 s more: less than the wait for a slot.
     coordination.token_store("growthhub").save(
         seed, TokenState(refresh_token="rt-1", access_token="at-soon-expired", expires_at=time.time() + 0.1)
     )
-    requests_mock.post(
-        f"{URL}/oauth/token", json={"access_token": "at-fresh", "refresh_token": "rt-2", "expires_in": 3600}
+    scripted_api.post(
+        "/oauth/token",
+        json_reply(200, {"access_token": "at-fresh", "refresh_token": "rt-2", "expires_in": 3600}),
     )
 
-    def upsert(request: Any, context: Any) -> dict[str, Any]:
-        context.status_code = 200 if request.headers["Authorization"] == "Bearer at-fresh" else 401
-        return {"new": True, "contact": {"id": "c1"}}
+    def upsert(request: Recorded) -> Reply:
+        status = 200 if request.headers["Authorization"] == "Bearer at-fresh" else 401
+        return json_reply(status, {"new": True, "contact": {"id": "c1"}})
 
-    requests_mock.post(f"{URL}/contacts/upsert", json=upsert)
+    scripted_api.post("/contacts/upsert", upsert)
     client = GrowthHubClient(
-        ClientConfig(base_url=URL, location_id="loc1", oauth=OAuthCredentials("cid", "secret", seed)),
+        ClientConfig(base_url=url, location_id="loc1", oauth=OAuthCredentials("cid", "secret", seed)),
         coordination=coordination,
     )
     assert client.upsert_contact({"email": "a@b.co"}).contact_id == "c1"
-    sent = [
-        r.headers.get("Authorization") for r in requests_mock.request_history if r.path == "/contacts/upsert"
-    ]
+    sent = [r.headers.get("Authorization") for r in scripted_api.calls("/contacts/upsert")]
     assert sent == ["Bearer at-fresh"], "no request went out with the token that expired in the queue"
-    assert "refresh_token=rt-1" in requests_mock.request_history[0].text
+    assert scripted_api.requests[0].form()["refresh_token"] == "rt-1"

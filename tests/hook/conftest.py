@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -10,6 +11,8 @@ import pytest
 if TYPE_CHECKING:
     from collections.abc import Callable
     from pathlib import Path
+
+    from scripted_http import ScriptedApi
 
 FAKE_URL = "http://growthhub.test"
 
@@ -34,3 +37,9 @@ def growthhub_conn(monkeypatch: pytest.MonkeyPatch, token_file: Path) -> Callabl
         monkeypatch.setenv(f"AIRFLOW_CONN_{conn_id.upper()}", json.dumps(conn))
 
     return define
+
+
+@pytest.fixture
+def scripted_conn(growthhub_conn: Callable[..., None], scripted_api: ScriptedApi) -> Callable[..., None]:
+    """``growthhub_conn``, pointed at :func:`scripted_api` unless a test names another host."""
+    return functools.partial(growthhub_conn, host=scripted_api.base_url)

@@ -1,22 +1,19 @@
 """
 Bad answers from the API (or a proxy in front of it) become clear errors, never crashes.
 
-A tiny ``http.server`` on 127.0.0.1 serves each bad answer over real HTTP, so the hook's whole
-path runs: streaming, the body size cap, decoding, classification, outcomes and logs.
+The scripted server on 127.0.0.1 serves each bad answer over real HTTP, so the hook's whole
+path runs: the transport, the body size cap, decoding, classification, outcomes and logs.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
-from collections import Counter
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 import pytest
+from scripted_http import Recorded, Reply, ScriptedApi, serve
 
 from growthhub_provider.client import GrowthHubAuthError, GrowthHubBadResponse, GrowthHubRejected
 from growthhub_provider.client.responses import MAX_MESSAGE_CHARS, MAX_RESPONSE_BYTES
@@ -31,19 +28,6 @@ BAD, GOOD = "bad@example.com", "good@example.com"
 BIG = 3 * MAX_RESPONSE_BYTES  # "multi-MB"
 # Longest outcome message: "<status>: unusable response: " + a capped detail.
 MAX_OUTCOME_MESSAGE = MAX_MESSAGE_CHARS + 100
-
-
-@dataclass(frozen=True)
-class Reply:
-    """One canned answer: ``body`` then ``pad`` bytes of ``x`` then ``suffix``, written in chunks."""
-
-    status: int
-    body: bytes = b""
-    content_type: str | None = "application/json"
-    pad: int = 0
-    suffix: bytes = b""
-    chunked: bool = False
-    headers: dict[str, str] = field(default_factory=dict)
 
 
 def good(contact_id: str = "c-good") -> Reply:
@@ -99,94 +83,19 @@ ODD_5XX = {
 }
 
 
-class FakeApi:
-    """What the server answers, per request key: the row's email, ``oauth`` or the GET path."""
-
-    def __init__(self, base_url: str) -> None:
-        self.base_url = base_url
-        self.scripts: dict[str, list[Reply]] = {}
-        self.requests: Counter[str] = Counter()
-        self.hung_up: Counter[str] = Counter()  # the client closed before the body's end
-        self.lock = threading.Lock()
-
-    def reply_for(self, key: str) -> Reply:
-        """The next reply of the key's script; its last one repeats; ``good()`` by default."""
-        with self.lock:
-            self.requests[key] += 1
-            script = self.scripts.get(key) or [good()]
-            return script[min(self.requests[key], len(script)) - 1]
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server: _Server
-
-    def log_message(self, format: str, *args: Any) -> None:
-        """Quiet: the test output is about the hook."""
-
-    def _key(self) -> str:
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        if self.path == "/contacts/upsert":
-            return str(json.loads(body).get("email"))
-        return "oauth" if self.path == "/oauth/token" else self.path
-
-    def _answer(self) -> None:
-        key = self._key()
-        reply = self.server.api.reply_for(key)
-        self.close_connection = True
-        self.send_response(reply.status)
-        if reply.content_type:
-            self.send_header("Content-Type", reply.content_type)
-        for name, value in reply.headers.items():
-            self.send_header(name, value)
-        size = len(reply.body) + reply.pad + len(reply.suffix)
-        if reply.chunked:
-            self.send_header("Transfer-Encoding", "chunked")
-        else:
-            self.send_header("Content-Length", str(size))
-        self.send_header("Connection", "close")
-        self.end_headers()
-        try:
-            for chunk in self._chunks(reply):
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk) if reply.chunked else chunk)
-            if reply.chunked:
-                self.wfile.write(b"0\r\n\r\n")
-        except (BrokenPipeError, ConnectionResetError):
-            self.server.api.hung_up[key] += 1
-
-    @staticmethod
-    def _chunks(reply: Reply) -> Iterator[bytes]:
-        if reply.body:
-            yield reply.body
-        block = b"x" * 65_536
-        for start in range(0, reply.pad, len(block)):
-            yield block[: min(len(block), reply.pad - start)]
-        if reply.suffix:
-            yield reply.suffix
-
-    do_GET = do_POST = _answer
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    api: FakeApi
+def _key(request: Recorded) -> str:
+    """Which script answers: the row's email for an upsert, ``oauth`` for a refresh, else the path."""
+    if request.path == "/contacts/upsert":
+        return str(request.json().get("email"))
+    return "oauth" if request.path == "/oauth/token" else request.path
 
 
 @pytest.fixture
-def api(growthhub_conn: Callable[..., None]) -> Iterator[FakeApi]:
-    """A fake API on a free loopback port, and the connection pointing at it."""
-    server = _Server(("127.0.0.1", 0), _Handler)
-    host, port = server.server_address[:2]
-    server.api = FakeApi(f"http://{host}:{port}")
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    growthhub_conn(host=server.api.base_url, password=TOKEN)
-    try:
-        yield server.api
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+def api(growthhub_conn: Callable[..., None]) -> Iterator[ScriptedApi]:
+    """A scripted API on a free loopback port (good answers unless scripted), and the connection."""
+    for server in serve(_key, default=good()):
+        growthhub_conn(host=server.base_url, password=TOKEN)
+        yield server
 
 
 def batch(hook: GrowthHubHook) -> dict[str, Any]:
@@ -195,7 +104,9 @@ def batch(hook: GrowthHubHook) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("reply", "phrase"), UNUSABLE_2XX.values(), ids=UNUSABLE_2XX.keys())
-def test_unusable_2xx_fails_only_its_row_and_is_not_retried(api: FakeApi, reply: Reply, phrase: str) -> None:
+def test_unusable_2xx_fails_only_its_row_and_is_not_retried(
+    api: ScriptedApi, reply: Reply, phrase: str
+) -> None:
     api.scripts[BAD] = [reply]
     hook = GrowthHubHook(**FAST)
     outcomes = batch(hook)
@@ -206,14 +117,14 @@ def test_unusable_2xx_fails_only_its_row_and_is_not_retried(api: FakeApi, reply:
     assert phrase in message
     assert len(message) <= MAX_OUTCOME_MESSAGE
     assert outcomes["good"].status == "created", "the rest of the batch goes on"
-    assert api.requests[BAD] == 1
+    assert api.served[BAD] == 1
     assert hook.last_batch_stats is not None
     assert (hook.last_batch_stats.failed, hook.last_batch_stats.created) == (1, 1)
 
 
 @pytest.mark.parametrize(("reply", "phrase"), UNUSABLE_2XX.values(), ids=UNUSABLE_2XX.keys())
 def test_unusable_2xx_raises_bad_response_from_upsert_contact(
-    api: FakeApi, reply: Reply, phrase: str
+    api: ScriptedApi, reply: Reply, phrase: str
 ) -> None:
     api.scripts[BAD] = [reply]
     with pytest.raises(GrowthHubBadResponse) as raised:
@@ -224,7 +135,7 @@ def test_unusable_2xx_raises_bad_response_from_upsert_contact(
 
 
 @pytest.mark.parametrize("reply", ODD_5XX.values(), ids=ODD_5XX.keys())
-def test_5xx_with_any_body_is_transient_and_retried(api: FakeApi, reply: Reply) -> None:
+def test_5xx_with_any_body_is_transient_and_retried(api: ScriptedApi, reply: Reply) -> None:
     api.scripts[BAD] = [reply, good("c-bad")]
     outcomes = batch(GrowthHubHook(**FAST))
     assert (outcomes["bad"].status, outcomes["bad"].contact_id, outcomes["bad"].attempts) == (
@@ -236,7 +147,7 @@ def test_5xx_with_any_body_is_transient_and_retried(api: FakeApi, reply: Reply) 
 
 @pytest.mark.parametrize("reply", ODD_5XX.values(), ids=ODD_5XX.keys())
 def test_5xx_with_any_body_fails_the_row_with_a_short_message_once_retries_run_out(
-    api: FakeApi, reply: Reply
+    api: ScriptedApi, reply: Reply
 ) -> None:
     api.scripts[BAD] = [reply]
     bad = batch(GrowthHubHook(**FAST))["bad"]
@@ -246,7 +157,7 @@ def test_5xx_with_any_body_fails_the_row_with_a_short_message_once_retries_run_o
     assert len(message) <= MAX_OUTCOME_MESSAGE
 
 
-def test_proxy_html_error_page_is_quoted_short_and_on_one_line(api: FakeApi) -> None:
+def test_proxy_html_error_page_is_quoted_short_and_on_one_line(api: ScriptedApi) -> None:
     api.scripts[BAD] = [Reply(502, HTML_502 + b"\n\t<!-- padding -->" * 1000, "text/html")]
     (message,) = batch(GrowthHubHook(**FAST))["bad"].messages
     assert message.startswith("502: Bad Gateway: <html><head><title>502 Bad Gateway</title>")
@@ -256,17 +167,17 @@ def test_proxy_html_error_page_is_quoted_short_and_on_one_line(api: FakeApi) -> 
     assert len(message) <= MAX_OUTCOME_MESSAGE
 
 
-def test_4xx_html_page_is_a_rejection_with_the_reason_and_start_of_the_page(api: FakeApi) -> None:
+def test_4xx_html_page_is_a_rejection_with_the_reason_and_start_of_the_page(api: ScriptedApi) -> None:
     page = b"<html><body><h1>400 Bad Request</h1>Request Header Or Cookie Too Large</body></html>"
     api.scripts[BAD] = [Reply(400, page, "text/html")]
     with pytest.raises(GrowthHubRejected) as raised:
         GrowthHubHook(**FAST).upsert_contact({"email": BAD})
     (message,) = raised.value.messages
     assert message.startswith("Bad Request: <html><body><h1>400 Bad Request</h1>")
-    assert api.requests[BAD] == 1
+    assert api.served[BAD] == 1
 
 
-def test_huge_api_message_lists_are_capped(api: FakeApi) -> None:
+def test_huge_api_message_lists_are_capped(api: ScriptedApi) -> None:
     body = {"statusCode": 422, "message": [f"field{i} {'x' * 1000} is bad" for i in range(500)]}
     api.scripts[BAD] = [Reply(422, json.dumps(body).encode())]
     rejected = batch(GrowthHubHook(**FAST))["bad"]
@@ -276,7 +187,7 @@ def test_huge_api_message_lists_are_capped(api: FakeApi) -> None:
     assert all(len(m) <= MAX_MESSAGE_CHARS for m in rejected.messages)
 
 
-def test_huge_body_is_not_read_to_its_end(api: FakeApi) -> None:
+def test_huge_body_is_not_read_to_its_end(api: ScriptedApi) -> None:
     """The hook drops the connection past the cap: the server sees the client hang up."""
     api.scripts[BAD] = [Reply(200, HUGE_CONTACT, pad=20 * MAX_RESPONSE_BYTES, suffix=b'"}}', chunked=True)]
     assert batch(GrowthHubHook(**FAST))["bad"].status == "failed"
@@ -287,7 +198,7 @@ def test_huge_body_is_not_read_to_its_end(api: FakeApi) -> None:
 
 
 def test_quoted_bodies_never_carry_the_token_and_are_masked_in_logs(
-    api: FakeApi, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+    api: ScriptedApi, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
     """Outcome messages keep personal data (they feed the quarantine); logs mask it, the per-row
     lines at debug level too; no token anywhere."""
@@ -317,7 +228,7 @@ def test_quoted_bodies_never_carry_the_token_and_are_masked_in_logs(
     assert "Bearer ***" in logs
 
 
-def test_get_contact_with_an_unusable_body_raises_bad_response(api: FakeApi) -> None:
+def test_get_contact_with_an_unusable_body_raises_bad_response(api: ScriptedApi) -> None:
     api.scripts["/contacts/c1"] = [Reply(200, b'{"contact": []}')]
     with pytest.raises(GrowthHubBadResponse, match=r"no contact\.id"):
         GrowthHubHook(**FAST).get_contact("c1")
@@ -335,7 +246,7 @@ def test_get_contact_with_an_unusable_body_raises_bad_response(api: FakeApi) -> 
     ids=["html", "renamed-field", "null-token", "json-list", "huge"],
 )
 def test_unusable_oauth_answer_fails_the_batch_once_without_quoting_it(
-    api: FakeApi, growthhub_conn: Callable[..., None], reply: Reply
+    api: ScriptedApi, growthhub_conn: Callable[..., None], reply: Reply
 ) -> None:
     growthhub_conn(
         host=api.base_url,
@@ -351,5 +262,5 @@ def test_unusable_oauth_answer_fails_the_batch_once_without_quoting_it(
         list(hook.upsert_contacts(rows))
     assert "leak" not in str(raised.value)
     assert "csecret" not in str(raised.value)
-    assert api.requests["oauth"] == 1, "the other rows fail fast instead of refreshing again"
-    assert sum(api.requests[f"r{i}@example.com"] for i in range(8)) == 0
+    assert api.served["oauth"] == 1, "the other rows fail fast instead of refreshing again"
+    assert sum(api.served[f"r{i}@example.com"] for i in range(8)) == 0

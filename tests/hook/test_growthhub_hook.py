@@ -1,4 +1,4 @@
-"""Unit tests of the GrowthHub hook, HTTP faked at the transport level with requests_mock."""
+"""Unit tests of the GrowthHub hook, against a scripted HTTP server on 127.0.0.1 (tests/scripted_http.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
-import requests
+from scripted_http import Recorded, Reply, ScriptedApi, json_reply
 
 from growthhub_provider import get_provider_info
 from growthhub_provider.client import (
@@ -38,30 +38,23 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
     from pathlib import Path
 
-    import requests_mock as rm
-
-FAKE_URL = "http://growthhub.test"  # the default host of the growthhub_conn fixture
-UPSERT_URL = f"{FAKE_URL}/contacts/upsert"
-TOKEN_URL = f"{FAKE_URL}/oauth/token"
+UPSERT = "/contacts/upsert"
+TOKEN = "/oauth/token"
 FAST = {"backoff_initial_s": 0.001, "backoff_max_s": 0.01}
 OAUTH = {"client_id": "client-1", "client_secret": "client-secret-xyz", "refresh_token": "refresh-seed-0"}
 
 
-def ok(contact_id: str = "c1", new: bool = True, **headers: str) -> dict[str, Any]:
-    return {
-        "status_code": 200,
-        "json": {"new": new, "contact": {"id": contact_id}, "traceId": "t1"},
-        "headers": headers,
-    }
+def ok(contact_id: str = "c1", new: bool = True, **headers: str) -> Reply:
+    return json_reply(200, {"new": new, "contact": {"id": contact_id}, "traceId": "t1"}, **headers)
 
 
-def error(status: int, message: str | list[str], **headers: str) -> dict[str, Any]:
-    return {"status_code": status, "json": {"statusCode": status, "message": message}, "headers": headers}
+def error(status: int, message: str | list[str], **headers: str) -> Reply:
+    return json_reply(status, {"statusCode": status, "message": message}, **headers)
 
 
 @pytest.fixture
-def hook(growthhub_conn: Callable[..., None]) -> GrowthHubHook:
-    growthhub_conn()
+def hook(scripted_conn: Callable[..., None]) -> GrowthHubHook:
+    scripted_conn()
     return GrowthHubHook(**FAST)
 
 
@@ -149,44 +142,44 @@ class TestFileTokenStore:
 
 class TestGrowthHubHook:
     def test_session_carries_bearer_version_and_json_headers(
-        self, hook: GrowthHubHook, requests_mock: rm.Mocker
+        self, hook: GrowthHubHook, scripted_api: ScriptedApi
     ) -> None:
-        requests_mock.post(UPSERT_URL, **ok())
+        scripted_api.post(UPSERT, ok())
         hook.upsert_contact({"email": "a@b.co"})
-        sent = requests_mock.last_request.headers
+        sent = scripted_api.last_request.headers
         assert sent["Authorization"] == "Bearer pit-test-token"
         assert sent["Version"] == DEFAULT_API_VERSION
         assert sent["Accept"] == sent["Content-Type"] == "application/json"
         assert hook.get_conn() is hook.get_conn()
 
     def test_version_and_workers_come_from_the_connection(
-        self, growthhub_conn: Callable[..., None], requests_mock: rm.Mocker
+        self, scripted_conn: Callable[..., None], scripted_api: ScriptedApi
     ) -> None:
-        growthhub_conn(api_version="2021-07-28", max_workers=7, timeout=3)
+        scripted_conn(api_version="2021-07-28", max_workers=7, timeout=3)
         hook = GrowthHubHook()
-        requests_mock.post(UPSERT_URL, **ok())
+        scripted_api.post(UPSERT, ok())
         hook.upsert_contact({"email": "a@b.co"})
-        assert requests_mock.last_request.headers["Version"] == "2021-07-28"
+        assert scripted_api.last_request.headers["Version"] == "2021-07-28"
         assert (hook.max_workers, hook.timeout) == (7, 3.0)
-        assert requests_mock.last_request.timeout == 3.0
+        assert hook.client.transport.timeout == 3.0
 
     def test_reads_prefixed_form_fields_like_plain_extras(
-        self, growthhub_conn: Callable[..., None], requests_mock: rm.Mocker
+        self, scripted_conn: Callable[..., None], scripted_api: ScriptedApi
     ) -> None:
-        growthhub_conn(location_id="", extra__growthhub__location_id="loc9", extra__growthhub__api_version="")
-        requests_mock.post(UPSERT_URL, **ok())
+        scripted_conn(location_id="", extra__growthhub__location_id="loc9", extra__growthhub__api_version="")
+        scripted_api.post(UPSERT, ok())
         GrowthHubHook().upsert_contact({"email": "a@b.co"})
-        assert requests_mock.last_request.json()["locationId"] == "loc9"
-        assert requests_mock.last_request.headers["Version"] == DEFAULT_API_VERSION
+        assert scripted_api.last_request.json()["locationId"] == "loc9"
+        assert scripted_api.last_request.headers["Version"] == DEFAULT_API_VERSION
 
     def test_extras_never_become_headers(
-        self, growthhub_conn: Callable[..., None], requests_mock: rm.Mocker
+        self, scripted_conn: Callable[..., None], scripted_api: ScriptedApi
     ) -> None:
-        growthhub_conn(password=None, **OAUTH)
-        requests_mock.post(TOKEN_URL, json={"access_token": "access-1", "refresh_token": "refresh-1"})
-        requests_mock.post(UPSERT_URL, **ok())
+        scripted_conn(password=None, **OAUTH)
+        scripted_api.post(TOKEN, json_reply(200, {"access_token": "access-1", "refresh_token": "refresh-1"}))
+        scripted_api.post(UPSERT, ok())
         GrowthHubHook().upsert_contact({"email": "a@b.co"})
-        assert not {"client_secret", "refresh_token", "location_id"} & set(requests_mock.last_request.headers)
+        assert not {"client_secret", "refresh_token", "location_id"} & set(scripted_api.last_request.headers)
 
     @pytest.mark.parametrize(
         ("payload", "expected"),
@@ -194,17 +187,17 @@ class TestGrowthHubHook:
         ids=["filled-in", "kept"],
     )
     def test_fills_location_id_when_payload_has_none(
-        self, hook: GrowthHubHook, requests_mock: rm.Mocker, payload: dict[str, Any], expected: str
+        self, hook: GrowthHubHook, scripted_api: ScriptedApi, payload: dict[str, Any], expected: str
     ) -> None:
-        requests_mock.post(UPSERT_URL, **ok())
+        scripted_api.post(UPSERT, ok())
         hook.upsert_contact(payload)
-        assert requests_mock.last_request.json()["locationId"] == expected
+        assert scripted_api.last_request.json()["locationId"] == expected
 
     @pytest.mark.parametrize(("new", "status"), [(True, "created"), (False, "updated")])
     def test_upsert_returns_id_new_flag_and_trace(
-        self, hook: GrowthHubHook, requests_mock: rm.Mocker, new: bool, status: str
+        self, hook: GrowthHubHook, scripted_api: ScriptedApi, new: bool, status: str
     ) -> None:
-        requests_mock.post(UPSERT_URL, **ok("c9", new=new))
+        scripted_api.post(UPSERT, ok("c9", new=new))
         assert hook.upsert_contact({"email": "a@b.co"}) == UpsertResult("c9", new, "t1")
         (outcome,) = hook.upsert_contacts([("k1", {"email": "a@b.co"})])
         assert outcome == UpsertOutcome("k1", status, "c9", 200, [], "t1", attempts=1)
@@ -223,24 +216,26 @@ class TestGrowthHubHook:
     def test_client_errors_are_classified_and_not_retried(
         self,
         hook: GrowthHubHook,
-        requests_mock: rm.Mocker,
-        response: dict[str, Any],
+        scripted_api: ScriptedApi,
+        response: Reply,
         raised: type[Exception],
         messages: list[str] | None,
     ) -> None:
-        requests_mock.post(UPSERT_URL, **response)
+        scripted_api.post(UPSERT, response)
         with pytest.raises(raised) as excinfo:
             hook.upsert_contact({"email": "a@b.co"})
-        assert requests_mock.call_count == 1
+        assert scripted_api.call_count == 1
         if isinstance(excinfo.value, GrowthHubRejected):
-            assert excinfo.value.status == response["status_code"]
-            assert excinfo.value.messages == (messages or response["json"]["message"])
+            assert excinfo.value.status == response.status
+            assert excinfo.value.messages == (messages or json.loads(response.body)["message"])
 
-    def test_get_contact_raises_not_found_on_404(self, hook: GrowthHubHook, requests_mock: rm.Mocker) -> None:
-        requests_mock.get(f"{FAKE_URL}/contacts/nope", **error(404, "Contact not found"))
+    def test_get_contact_raises_not_found_on_404(
+        self, hook: GrowthHubHook, scripted_api: ScriptedApi
+    ) -> None:
+        scripted_api.get("/contacts/nope", error(404, "Contact not found"))
         with pytest.raises(GrowthHubNotFound):
             hook.get_contact("nope")
-        assert requests_mock.call_count == 1
+        assert scripted_api.call_count == 1
 
     @pytest.mark.parametrize(
         "first",
@@ -249,29 +244,31 @@ class TestGrowthHubHook:
             error(502, "Bad Gateway"),
             error(503, "Service Unavailable"),
             error(429, "Too many requests", **{"X-RateLimit-Interval-Milliseconds": "50"}),
-            {"exc": requests.ConnectionError("Connection aborted.")},
-            {"exc": requests.ReadTimeout("read timed out")},
-            {"exc": requests.exceptions.ChunkedEncodingError("connection broken")},
+            Reply(fault="drop"),
+            Reply(fault="timeout", delay_s=0.6),
+            Reply(200, b'{"new": true, "contact": ', fault="broken-body"),
         ],
         ids=["500", "502", "503", "429", "dropped", "timeout", "broken-body"],
     )
     def test_transient_errors_are_retried(
-        self, hook: GrowthHubHook, requests_mock: rm.Mocker, first: dict[str, Any]
+        self, scripted_conn: Callable[..., None], scripted_api: ScriptedApi, first: Reply
     ) -> None:
-        requests_mock.post(UPSERT_URL, [first, first, ok()])
+        scripted_conn(timeout=0.3)  # the "timeout" answer comes after 0.6 s
+        hook = GrowthHubHook(**FAST)
+        scripted_api.post(UPSERT, first, first, ok())
         (outcome,) = hook.upsert_contacts([("k", {"email": "a@b.co"})])
         assert (outcome.status, outcome.attempts) == ("created", 3)
         assert hook.last_batch_stats is not None
         assert hook.last_batch_stats.retried == 2
-        assert hook.last_batch_stats.throttled == (2 if first.get("status_code") == 429 else 0)
+        assert hook.last_batch_stats.throttled == (2 if first.status == 429 else 0)
 
     def test_429_holds_the_next_send_back_for_the_header_interval(
-        self, hook: GrowthHubHook, requests_mock: rm.Mocker
+        self, hook: GrowthHubHook, scripted_api: ScriptedApi
     ) -> None:
         throttled = error(
             429, "Too many", **{"X-RateLimit-Interval-Milliseconds": "300", "X-RateLimit-Max": "100"}
         )
-        requests_mock.post(UPSERT_URL, [throttled, ok()])
+        scripted_api.post(UPSERT, throttled, ok())
         started = time.monotonic()
         hook.upsert_contact({"email": "a@b.co"})
         assert time.monotonic() - started >= 0.29
@@ -281,15 +278,15 @@ class TestGrowthHubHook:
     )
     def test_retries_are_bounded_in_attempts_and_time(
         self,
-        growthhub_conn: Callable[..., None],
-        requests_mock: rm.Mocker,
+        scripted_conn: Callable[..., None],
+        scripted_api: ScriptedApi,
         attempts: int,
         seconds: float,
         expected_calls: int | None,
     ) -> None:
-        growthhub_conn()
+        scripted_conn()
         hook = GrowthHubHook(max_attempts=attempts, max_retry_seconds=seconds, backoff_initial_s=0.01)
-        requests_mock.post(UPSERT_URL, **error(503, "Service Unavailable"))
+        scripted_api.post(UPSERT, error(503, "Service Unavailable"))
         with pytest.raises(GrowthHubTransientError):
             hook.upsert_contact({"email": "a@b.co"})
         (outcome,) = hook.upsert_contacts([("k", {"email": "a@b.co"})])
@@ -302,16 +299,18 @@ class TestGrowthHubHook:
             assert 1 < outcome.attempts < attempts
 
     def test_batch_reports_each_row_under_its_key(
-        self, hook: GrowthHubHook, requests_mock: rm.Mocker
+        self, hook: GrowthHubHook, scripted_api: ScriptedApi
     ) -> None:
-        def respond(request: Any, context: Any) -> dict[str, Any]:
+        def respond(request: Recorded) -> Reply:
             email = request.json()["email"]
-            context.status_code = {"bad@x.io": 422, "down@x.io": 500}.get(email, 200)
-            if context.status_code == 422:
-                return {"statusCode": 422, "message": ["email is invalid"]}
-            return {"new": email == "new@x.io", "contact": {"id": f"id-{email}"}, "traceId": "t"}
+            status = {"bad@x.io": 422, "down@x.io": 500}.get(email, 200)
+            if status == 422:
+                return json_reply(422, {"statusCode": 422, "message": ["email is invalid"]})
+            return json_reply(
+                status, {"new": email == "new@x.io", "contact": {"id": f"id-{email}"}, "traceId": "t"}
+            )
 
-        requests_mock.post(UPSERT_URL, json=respond)
+        scripted_api.post(UPSERT, respond)
         rows = [("1", "new@x.io"), ("2", "old@x.io"), ("3", "bad@x.io"), ("4", "down@x.io")]
         outcomes = {o.key: o for o in hook.upsert_contacts((k, {"email": e}) for k, e in rows)}
         assert {k: o.status for k, o in outcomes.items()} == {
@@ -351,9 +350,9 @@ class TestGrowthHubHook:
         return seen
 
     def test_same_identity_never_in_flight_twice_and_keeps_input_order(
-        self, growthhub_conn: Callable[..., None], recorded_rows: dict[str, Any]
+        self, scripted_conn: Callable[..., None], recorded_rows: dict[str, Any]
     ) -> None:
-        growthhub_conn(max_workers=8)
+        scripted_conn(max_workers=8)
         emails = ["Same@x.io", " same@X.io", "other@x.io", "+1 555 0101", "u{}@x.io"]
         rows = [(f"{i:03}", {"email": emails[i % 5].format(i)}) for i in range(100)]
         assert len(list(GrowthHubHook().upsert_contacts(rows))) == 100
@@ -363,18 +362,18 @@ class TestGrowthHubHook:
         assert recorded_rows["peak"] > 2, "other identities still go out concurrently"
 
     def test_first_row_goes_out_alone_then_the_window_opens(
-        self, growthhub_conn: Callable[..., None], recorded_rows: dict[str, Any]
+        self, scripted_conn: Callable[..., None], recorded_rows: dict[str, Any]
     ) -> None:
-        growthhub_conn(max_workers=8)
+        scripted_conn(max_workers=8)
         rows = [(f"{i:03}", {"email": f"u{i}@x.io"}) for i in range(40)]
         assert len(list(GrowthHubHook().upsert_contacts(rows))) == 40
         assert recorded_rows["events"][:2] == [("start", "000"), ("end", "000")]
         assert recorded_rows["peak"] == 8, "after the first outcome: max_workers at once"
 
     def test_rows_linked_by_email_and_phone_wait_for_each_other(
-        self, growthhub_conn: Callable[..., None], recorded_rows: dict[str, Any]
+        self, scripted_conn: Callable[..., None], recorded_rows: dict[str, Any]
     ) -> None:
-        growthhub_conn(max_workers=4)
+        scripted_conn(max_workers=4)
         rows = [
             ("a", {"email": "p@x.io"}),
             ("b", {"email": "q@x.io", "phone": "555 0101"}),
@@ -385,11 +384,11 @@ class TestGrowthHubHook:
         assert recorded_rows["order"].index("c") == 2
 
     def test_holds_a_bounded_window_of_a_huge_input(
-        self, growthhub_conn: Callable[..., None], requests_mock: rm.Mocker
+        self, scripted_conn: Callable[..., None], scripted_api: ScriptedApi
     ) -> None:
-        growthhub_conn(max_workers=4)
+        scripted_conn(max_workers=4)
         hook = GrowthHubHook()
-        requests_mock.post(UPSERT_URL, **ok())
+        scripted_api.post(UPSERT, ok())
         pulled = 0
 
         def rows() -> Iterator[tuple[str, dict[str, Any]]]:
@@ -405,22 +404,21 @@ class TestGrowthHubHook:
         outcomes.close()
 
     def test_rows_are_skipped_once_daily_quota_reaches_the_reserve(
-        self, growthhub_conn: Callable[..., None], requests_mock: rm.Mocker
+        self, scripted_conn: Callable[..., None], scripted_api: ScriptedApi
     ) -> None:
-        growthhub_conn(max_workers=1)
+        scripted_conn(max_workers=1)
         hook = GrowthHubHook()
         daily = iter(range(12, 0, -1))
 
-        def respond(request: Any, context: Any) -> dict[str, Any]:
-            context.headers["X-RateLimit-Daily-Remaining"] = str(next(daily))
-            return ok()["json"]
+        def respond(request: Recorded) -> Reply:
+            return ok(**{"X-RateLimit-Daily-Remaining": str(next(daily))})
 
-        requests_mock.post(UPSERT_URL, json=respond)
+        scripted_api.post(UPSERT, respond)
         outcomes = list(
             hook.upsert_contacts(((str(i), {"email": f"u{i}@x.io"}) for i in range(10)), daily_reserve=10)
         )
         assert [o.status for o in outcomes] == ["created"] * 3 + ["skipped"] * 7
-        assert requests_mock.call_count == 3
+        assert scripted_api.call_count == 3
         assert hook.daily_remaining == 10
         assert hook.last_batch_stats is not None
         assert hook.last_batch_stats.skipped == 7
@@ -436,26 +434,26 @@ class TestGrowthHubHook:
     def test_auth_or_version_error_escapes_the_batch_after_one_request(
         self,
         hook: GrowthHubHook,
-        requests_mock: rm.Mocker,
+        scripted_api: ScriptedApi,
         status: int,
         message: str,
         raised: type[Exception],
     ) -> None:
-        requests_mock.post(UPSERT_URL, **error(status, message))
+        scripted_api.post(UPSERT, error(status, message))
         with pytest.raises(raised, match=str(status)):
             list(hook.upsert_contacts((str(i), {"email": f"u{i}@x.io"}) for i in range(100)))
-        assert requests_mock.call_count == 1, "the first request goes out alone"
+        assert scripted_api.call_count == 1, "the first request goes out alone"
 
-    def test_hooks_of_one_location_share_a_limiter(self, growthhub_conn: Callable[..., None]) -> None:
-        growthhub_conn()
-        growthhub_conn(conn_id="growthhub_other", location_id="loc2")
+    def test_hooks_of_one_location_share_a_limiter(self, scripted_conn: Callable[..., None]) -> None:
+        scripted_conn()
+        scripted_conn(conn_id="growthhub_other", location_id="loc2")
         assert GrowthHubHook().limiter is GrowthHubHook().limiter
         assert GrowthHubHook().limiter is not GrowthHubHook("growthhub_other").limiter
 
     def test_coordination_is_local_unless_the_connection_names_a_redis_connection(
-        self, growthhub_conn: Callable[..., None], monkeypatch: pytest.MonkeyPatch, token_file: Path
+        self, scripted_conn: Callable[..., None], monkeypatch: pytest.MonkeyPatch, token_file: Path
     ) -> None:
-        growthhub_conn()
+        scripted_conn()
         local = GrowthHubHook().coordination
         assert isinstance(local, LocalCoordination)
         assert local.token_file == token_file
@@ -464,7 +462,7 @@ class TestGrowthHubHook:
             "AIRFLOW_CONN_SHARED_STATE",
             json.dumps({"conn_type": "redis", "host": "127.0.0.1", "port": 6379, "extra": {"db": 9}}),
         )
-        growthhub_conn(coordination="shared_state")
+        scripted_conn(coordination="shared_state")
         hook = GrowthHubHook()
         assert isinstance(hook.coordination, RedisCoordination)
         assert hook.coordination.description.startswith("redis 127.0.0.1:6379 db 9")
@@ -479,14 +477,14 @@ class TestGrowthHubHook:
     )
     def test_coordination_naming_no_redis_connection_fails_clearly(
         self,
-        growthhub_conn: Callable[..., None],
+        scripted_conn: Callable[..., None],
         monkeypatch: pytest.MonkeyPatch,
         conn_type: str | None,
         match: str,
     ) -> None:
         if conn_type:
             monkeypatch.setenv("AIRFLOW_CONN_SHARED_STATE", json.dumps({"conn_type": conn_type, "host": "h"}))
-        growthhub_conn(coordination="shared_state")
+        scripted_conn(coordination="shared_state")
         with pytest.raises(GrowthHubConfigError, match=match):
             GrowthHubHook().upsert_contact({"email": "a@b.co"})
         ok, message = GrowthHubHook().test_connection()
@@ -503,39 +501,39 @@ class TestGrowthHubHook:
         ids=["reachable", "bad-token", "bad-version"],
     )
     def test_test_connection_reports_ok_and_message(
-        self, hook: GrowthHubHook, requests_mock: rm.Mocker, response: dict[str, Any], ok_expected: bool
+        self, hook: GrowthHubHook, scripted_api: ScriptedApi, response: dict[str, Any], ok_expected: bool
     ) -> None:
-        requests_mock.get(f"{FAKE_URL}/contacts/growthhub-connection-test", **response)
+        scripted_api.get("/contacts/growthhub-connection-test", response)
         success, message = hook.test_connection()
         assert success is ok_expected
         assert message
 
     def test_oauth_refreshes_on_401_and_stores_the_rotated_token(
-        self, growthhub_conn: Callable[..., None], requests_mock: rm.Mocker, token_file: Path
+        self, scripted_conn: Callable[..., None], scripted_api: ScriptedApi, token_file: Path
     ) -> None:
-        growthhub_conn(password="expired-access", **OAUTH)
+        scripted_conn(password="expired-access", **OAUTH)
         refresh_bodies: list[str] = []
 
-        def token(request: Any, context: Any) -> dict[str, Any]:
-            refresh_bodies.append(request.text)
+        def token(request: Recorded) -> Reply:
+            refresh_bodies.append(request.body.decode())
             n = len(refresh_bodies)
-            return {"access_token": f"access-{n}", "refresh_token": f"refresh-{n}", "expires_in": 86399}
-
-        def upsert(request: Any, context: Any) -> dict[str, Any]:
-            context.status_code = (
-                200 if request.headers["Authorization"].startswith("Bearer access-") else 401
+            return json_reply(
+                200, {"access_token": f"access-{n}", "refresh_token": f"refresh-{n}", "expires_in": 86399}
             )
-            return {"new": True, "contact": {"id": "c"}}
 
-        requests_mock.post(TOKEN_URL, json=token)
-        requests_mock.post(UPSERT_URL, json=upsert)
+        def upsert(request: Recorded) -> Reply:
+            status = 200 if request.headers["Authorization"].startswith("Bearer access-") else 401
+            return json_reply(status, {"new": True, "contact": {"id": "c"}})
+
+        scripted_api.post(TOKEN, token)
+        scripted_api.post(UPSERT, upsert)
         rows = [(str(i), {"email": f"u{i}@x.io"}) for i in range(20)]
         assert {o.status for o in GrowthHubHook().upsert_contacts(rows)} == {"created"}
         assert len(refresh_bodies) == 1, "many threads saw the 401, one refresh happened"
         assert "refresh_token=refresh-seed-0" in refresh_bodies[0]
         assert "grant_type=refresh_token" in refresh_bodies[0]
         assert "user_type=Location" in refresh_bodies[0]
-        token_request = next(r for r in requests_mock.request_history if r.url == TOKEN_URL)
+        token_request = next(r for r in scripted_api.requests if r.path == TOKEN)
         assert token_request.headers["Content-Type"] == "application/x-www-form-urlencoded"
         assert "Authorization" not in token_request.headers
 
@@ -543,7 +541,7 @@ class TestGrowthHubHook:
         store = FileTokenStore(token_file, "growthhub_default")
         GrowthHubHook().upsert_contact({"email": "a@b.co"})
         assert len(refresh_bodies) == 1
-        assert requests_mock.last_request.headers["Authorization"] == "Bearer access-1"
+        assert scripted_api.last_request.headers["Authorization"] == "Bearer access-1"
 
         # Once that token has expired, a task spends the rotated refresh token, not the spent seed.
         stored = store.load("refresh-seed-0")
@@ -553,74 +551,70 @@ class TestGrowthHubHook:
         assert store.load("refresh-seed-0").refresh_token == "refresh-2"
 
     def test_oauth_refreshes_before_an_expired_token_is_used(
-        self, growthhub_conn: Callable[..., None], requests_mock: rm.Mocker
+        self, scripted_conn: Callable[..., None], scripted_api: ScriptedApi
     ) -> None:
-        growthhub_conn(password=None, **OAUTH)
-        requests_mock.post(
-            TOKEN_URL,
-            [
-                {"json": {"access_token": "access-1", "refresh_token": "r1", "expires_in": 0.05}},
-                {"json": {"access_token": "access-2", "refresh_token": "r2", "expires_in": 3600}},
-            ],
+        scripted_conn(password=None, **OAUTH)
+        scripted_api.post(
+            TOKEN,
+            json_reply(200, {"access_token": "access-1", "refresh_token": "r1", "expires_in": 0.05}),
+            json_reply(200, {"access_token": "access-2", "refresh_token": "r2", "expires_in": 3600}),
         )
-        requests_mock.post(UPSERT_URL, **ok())
+        scripted_api.post(UPSERT, ok())
         hook = GrowthHubHook()
         hook.upsert_contact({"email": "a@b.co"})
         time.sleep(0.06)
         hook.upsert_contact({"email": "a@b.co"})
-        auth = [r.headers.get("Authorization") for r in requests_mock.request_history if r.url == UPSERT_URL]
+        auth = [r.headers.get("Authorization") for r in scripted_api.requests if r.path == UPSERT]
         assert auth == ["Bearer access-1", "Bearer access-2"]
 
     @pytest.mark.parametrize(
         ("token_response", "match"),
         [
-            ({"json": {"access_token": "access-1", "refresh_token": "r1"}}, "401"),
-            ({"status_code": 400, "json": {"error": "invalid_grant", "message": "spent"}}, "OAuth refresh"),
+            (json_reply(200, {"access_token": "access-1", "refresh_token": "r1"}), "401"),
+            (json_reply(400, {"error": "invalid_grant", "message": "spent"}), "OAuth refresh"),
         ],
         ids=["401-after-refresh", "refresh-refused"],
     )
     def test_oauth_fails_fast_when_refresh_does_not_help(
         self,
-        growthhub_conn: Callable[..., None],
-        requests_mock: rm.Mocker,
-        token_response: dict[str, Any],
+        scripted_conn: Callable[..., None],
+        scripted_api: ScriptedApi,
+        token_response: Reply,
         match: str,
     ) -> None:
-        growthhub_conn(password="old", max_workers=4, **OAUTH)
-        requests_mock.post(TOKEN_URL, **token_response)
-        requests_mock.post(UPSERT_URL, **error(401, "Invalid token: access token is invalid"))
+        scripted_conn(password="old", max_workers=4, **OAUTH)
+        scripted_api.post(TOKEN, token_response)
+        scripted_api.post(UPSERT, error(401, "Invalid token: access token is invalid"))
         with pytest.raises(GrowthHubAuthError, match=match):
             list(GrowthHubHook(**FAST).upsert_contacts((str(i), {"email": f"u{i}@x.io"}) for i in range(50)))
-        token_calls = sum(r.url == TOKEN_URL for r in requests_mock.request_history)
+        token_calls = sum(r.path == TOKEN for r in scripted_api.requests)
         assert token_calls == 1, "one refresh, however many rows saw the 401"
-        assert requests_mock.call_count <= 2 * 4 + 1, "no retry storm: one resend per worker at most"
+        assert scripted_api.call_count <= 2 * 4 + 1, "no retry storm: one resend per worker at most"
 
     def test_oauth_refresh_outage_is_retried_not_fatal(
-        self, growthhub_conn: Callable[..., None], requests_mock: rm.Mocker
+        self, scripted_conn: Callable[..., None], scripted_api: ScriptedApi
     ) -> None:
-        growthhub_conn(password=None, **OAUTH)
-        requests_mock.post(
-            TOKEN_URL,
-            [
-                error(503, "Service Unavailable"),
-                {"json": {"access_token": "access-1", "refresh_token": "r1"}},
-            ],
+        scripted_conn(password=None, **OAUTH)
+        scripted_api.post(
+            TOKEN,
+            error(503, "Service Unavailable"),
+            json_reply(200, {"access_token": "access-1", "refresh_token": "r1"}),
         )
-        requests_mock.post(UPSERT_URL, **ok())
+        scripted_api.post(UPSERT, ok())
         (outcome,) = GrowthHubHook(**FAST).upsert_contacts([("k", {"email": "a@b.co"})])
         assert (outcome.status, outcome.attempts) == ("created", 2)
 
     @pytest.mark.parametrize(("log_pii", "shown"), [(False, "d***@***.io"), (True, "down@x.io")])
     def test_personal_data_is_masked_unless_the_connection_says_otherwise(
         self,
-        growthhub_conn: Callable[..., None],
-        requests_mock: rm.Mocker,
+        scripted_conn: Callable[..., None],
+        scripted_api: ScriptedApi,
         caplog: pytest.LogCaptureFixture,
         log_pii: bool,
         shown: str,
     ) -> None:
-        growthhub_conn(log_pii=log_pii)
-        requests_mock.post(UPSERT_URL, **error(503, "down@x.io is unreachable"))
+        scripted_conn(log_pii=log_pii)
+        scripted_api.post(UPSERT, error(503, "down@x.io is unreachable"))
         hook = GrowthHubHook(max_attempts=1)
         hook._log = logging.getLogger("growthhub_provider.hooks.growthhub")  # DEBUG reaches caplog
         with caplog.at_level(logging.DEBUG):
@@ -629,21 +623,19 @@ class TestGrowthHubHook:
 
     def test_retries_and_failed_rows_are_summarised_once_per_batch_by_cause(
         self,
-        growthhub_conn: Callable[..., None],
-        requests_mock: rm.Mocker,
+        scripted_conn: Callable[..., None],
+        scripted_api: ScriptedApi,
         caplog: pytest.LogCaptureFixture,
     ) -> None:
-        growthhub_conn(max_workers=1)  # one row at a time: the responses below go out in order
-        requests_mock.post(
-            UPSERT_URL,
-            [
-                error(500, "Internal Server Error"),
-                error(503, "Service Unavailable"),
-                ok(),
-                {"exc": requests.exceptions.ConnectTimeout},
-                ok(),
-                *[error(502, "Bad Gateway")] * 3,
-            ],
+        scripted_conn(max_workers=1, timeout=0.3)  # one row at a time: the answers below go out in order
+        scripted_api.post(
+            UPSERT,
+            error(500, "Internal Server Error"),
+            error(503, "Service Unavailable"),
+            ok(),
+            Reply(fault="timeout", delay_s=0.6),
+            ok(),
+            *[error(502, "Bad Gateway")] * 3,
         )
         hook = GrowthHubHook(max_attempts=3, **FAST)
         hook._log = logging.getLogger("growthhub_provider.hooks.growthhub")
@@ -662,31 +654,34 @@ class TestGrowthHubHook:
 
     def test_no_secret_reaches_logs_or_errors(
         self,
-        growthhub_conn: Callable[..., None],
-        requests_mock: rm.Mocker,
+        scripted_conn: Callable[..., None],
+        scripted_api: ScriptedApi,
         caplog: pytest.LogCaptureFixture,
         capsys: pytest.CaptureFixture[str],
     ) -> None:
         caplog.set_level(logging.DEBUG)
         logging.getLogger("urllib3").setLevel(logging.DEBUG)
-        growthhub_conn(password="expired-access-token", **OAUTH)
-        requests_mock.post(
-            TOKEN_URL, json={"access_token": "fresh-access-token", "refresh_token": "next-refresh"}
+        scripted_conn(password="expired-access-token", **OAUTH)
+        scripted_api.post(
+            TOKEN, json_reply(200, {"access_token": "fresh-access-token", "refresh_token": "next-refresh"})
         )
 
-        def upsert(request: Any, context: Any) -> dict[str, Any]:
+        def upsert(request: Recorded) -> Reply:
             if request.headers["Authorization"] != "Bearer fresh-access-token":
-                context.status_code = 401
-                return {"statusCode": 401, "message": "Invalid token: access token is invalid"}
-            context.status_code = {"bad@x.io": 422, "down@x.io": 503}.get(request.json()["email"], 200)
-            return {"new": True, "contact": {"id": "c"}, "message": ["email bad@x.io is invalid"]}
+                return json_reply(
+                    401, {"statusCode": 401, "message": "Invalid token: access token is invalid"}
+                )
+            status = {"bad@x.io": 422, "down@x.io": 503}.get(request.json()["email"], 200)
+            return json_reply(
+                status, {"new": True, "contact": {"id": "c"}, "message": ["email bad@x.io is invalid"]}
+            )
 
-        requests_mock.post(UPSERT_URL, json=upsert)
+        scripted_api.post(UPSERT, upsert)
         hook = GrowthHubHook(**FAST)
         outcomes = list(hook.upsert_contacts([("1", {"email": "ok@x.io"}), ("2", {"email": "down@x.io"})]))
         with pytest.raises(GrowthHubRejected) as rejected:
             hook.upsert_contact({"email": "bad@x.io"})
-        # stdlib records (requests, urllib3) land in caplog; Airflow's structlog hook logger in stdout.
+        # stdlib records (http.client, urllib3) land in caplog; Airflow's structlog hook logger in stdout.
         logs = caplog.text + "".join(capsys.readouterr())
         secrets = (
             "expired-access-token",
@@ -702,15 +697,15 @@ class TestGrowthHubHook:
         assert "GrowthHub batch: 1 rows failed after retries: 503 x 1" in logs  # each row at debug
 
     def test_secrets_are_registered_with_the_masker(
-        self, growthhub_conn: Callable[..., None], requests_mock: rm.Mocker
+        self, scripted_conn: Callable[..., None], scripted_api: ScriptedApi
     ) -> None:
         from airflow.sdk._shared.secrets_masker import redact
 
-        growthhub_conn(password="pit-secret-password", **OAUTH)
-        requests_mock.post(
-            TOKEN_URL, json={"access_token": "fresh-access-token", "refresh_token": "next-refresh"}
+        scripted_conn(password="pit-secret-password", **OAUTH)
+        scripted_api.post(
+            TOKEN, json_reply(200, {"access_token": "fresh-access-token", "refresh_token": "next-refresh"})
         )
-        requests_mock.post(UPSERT_URL, [error(401, "Invalid token"), ok()])
+        scripted_api.post(UPSERT, error(401, "Invalid token"), ok())
         GrowthHubHook().upsert_contact({"email": "a@b.co"})
         for secret in ("pit-secret-password", "client-secret-xyz", "fresh-access-token", "next-refresh"):
             assert secret not in redact(f"value {secret} here")

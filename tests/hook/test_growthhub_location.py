@@ -11,6 +11,7 @@ import json
 from typing import TYPE_CHECKING
 
 import pytest
+from scripted_http import ScriptedApi, json_reply
 
 from growthhub_provider.client import GrowthHubConfigError, LocalCoordination
 from growthhub_provider.client.redis_coordination import RedisCoordination
@@ -19,10 +20,6 @@ from growthhub_provider.hooks.growthhub import GrowthHubHook
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    import requests_mock as rm
-
-UPSERT_URL = "http://growthhub.test/contacts/upsert"  # the growthhub_conn fixture's default host
-OK = {"json": {"new": True, "contact": {"id": "c1"}, "traceId": "t1"}}
 MISMATCH = (
     "Connection 'growthhub_default': extra location_id='locB' differs from the location 'locA' "
     "the sync config uses it for; remove the extra or make it 'locA'"
@@ -37,17 +34,17 @@ class TestGrowthHubHookLocation:
     )
     def test_location_is_the_sync_configs_else_the_connections(
         self,
-        growthhub_conn: Callable[..., None],
-        requests_mock: rm.Mocker,
+        scripted_conn: Callable[..., None],
+        scripted_api: ScriptedApi,
         extra: str,
         given: str | None,
         expected: str,
     ) -> None:
-        growthhub_conn(location_id=extra)
+        scripted_conn(location_id=extra)
         hook = GrowthHubHook(location_id=given)
-        requests_mock.post(UPSERT_URL, **OK)
+        scripted_api.post("/contacts/upsert", json_reply(200, {"new": True, "contact": {"id": "c1"}}))
         hook.upsert_contact({"email": "a@b.co"})
-        assert requests_mock.last_request.json()["locationId"] == expected
+        assert scripted_api.last_request.json()["locationId"] == expected
         assert hook.location_id == hook.client.location_id == expected
         coordination = hook.coordination
         assert isinstance(coordination, LocalCoordination)
@@ -55,15 +52,15 @@ class TestGrowthHubHookLocation:
 
     @pytest.mark.parametrize("resolve", ["config", "coordination", "client", "limiter"])
     def test_a_connection_naming_another_location_is_refused(
-        self, growthhub_conn: Callable[..., None], requests_mock: rm.Mocker, resolve: str
+        self, scripted_conn: Callable[..., None], scripted_api: ScriptedApi, resolve: str
     ) -> None:
-        growthhub_conn(location_id="locB")
+        scripted_conn(location_id="locB")
         hook = GrowthHubHook(location_id="locA")
         with pytest.raises(GrowthHubConfigError) as raised:
             getattr(hook, resolve)
         assert str(raised.value) == MISMATCH
         assert hook.test_connection() == (False, MISMATCH)
-        assert not requests_mock.called
+        assert scripted_api.call_count == 0
 
     def test_a_prefixed_form_field_naming_another_location_is_refused(
         self, growthhub_conn: Callable[..., None]

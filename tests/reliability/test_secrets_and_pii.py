@@ -3,7 +3,7 @@
 The library's ``sync`` runs through the real hook against the sandbox, with injected 500s and a
 429 storm (retry paths log), an OAuth variant whose access token has expired (refresh path logs),
 and three rows the API rejects with a message quoting an email (the sandbox names the unknown
-``assignedTo`` user). Everything is scanned: log records at DEBUG (root, urllib3, the hook,
+``assignedTo`` user). Everything is scanned: log records at DEBUG (root, the client's transport, the hook,
 the library), stdout, the returned summary (what the DAG pushes to XCom), every ledger,
 quarantine, pending and run row, the GX validation results on disk and the sandbox's own log.
 """
@@ -191,7 +191,7 @@ def test_full_sync_leaves_no_token_anywhere_and_personal_data_only_masked(scanne
     assert 1 <= scanned.summary["rejected"] <= len(LEAKY)  # a leaky row may fail a quality check first
     assert scanned.summary["created"] > 100
     assert "GrowthHub batch" in scanned.logs
-    assert "/contacts/upsert" in scanned.logs, "urllib3 DEBUG was captured"
+    assert '"POST /contacts/upsert" 200' in scanned.logs, "the transport's DEBUG was captured"
 
     # the token (and OAuth secrets) nowhere
     places = {

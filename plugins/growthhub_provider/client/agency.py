@@ -18,8 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlencode
 
-import requests
-
 from growthhub_provider.client.client import GrowthHubClient
 from growthhub_provider.client.coordination import LocalCoordination, TokenState, fingerprint, renewal_time
 from growthhub_provider.client.errors import (
@@ -29,7 +27,7 @@ from growthhub_provider.client.errors import (
     GrowthHubError,
     GrowthHubTransientError,
 )
-from growthhub_provider.client.responses import api_messages, body_kind, json_object, read_body, short
+from growthhub_provider.client.responses import api_messages, body_kind, json_object, short
 from growthhub_provider.client.settings import OAuthCredentials, location_workers
 
 if TYPE_CHECKING:
@@ -38,12 +36,12 @@ if TYPE_CHECKING:
 
     from growthhub_provider.client.coordination import Coordination
     from growthhub_provider.client.settings import ClientConfig
+    from growthhub_provider.client.transport import Answer
 
 LOCATIONS_ENDPOINT = "/oauth/installedLocations"
 MINT_ENDPOINT = "/oauth/locationToken"
 PAGE_SIZE = 100
 """The largest page ``/oauth/installedLocations`` serves."""
-_FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
 
 @dataclass(frozen=True)
@@ -125,7 +123,7 @@ class AgencyClient(GrowthHubClient):
         return [location for location in locations if location.installed or not installed_only]
 
     @staticmethod
-    def _locations_page(response: requests.Response) -> tuple[list[InstalledLocation], int | None]:
+    def _locations_page(response: Answer) -> tuple[list[InstalledLocation], int | None]:
         """One page's locations and the ``count`` of all of them (if the answer says)."""
         data = json_object(response)
         rows = data.get("locations")
@@ -144,7 +142,7 @@ class AgencyClient(GrowthHubClient):
         """Check base URL and agency token by listing the installed locations."""
         try:
             count = len(self.installed_locations())
-        except (GrowthHubError, requests.RequestException) as e:
+        except GrowthHubError as e:
             return False, self._scrub(str(e))
         return True, (
             f"Connected to {self.base_url} as agency {self.company_id!r}: app {self.app_id!r} is "
@@ -185,32 +183,26 @@ class AgencyClient(GrowthHubClient):
         self.log.info("Minted an access token for location %s (agency %s)", location_id, self.config.name)
         return TokenState(self.location_seed(location_id), token, renewal_time(expires_in))
 
-    def _post_mint(self, location_id: str) -> requests.Response:
+    def _post_mint(self, location_id: str) -> Answer:
         """One mint; a 401 gets the agency a newer token once and tries again (as ``_call`` does)."""
         response = self._send_mint(location_id)
         if response.status_code == 401 and self.config.oauth:
-            used = str(response.request.headers.get("Authorization", "")).removeprefix("Bearer ")
+            used = response.request_headers.get("Authorization", "").removeprefix("Bearer ")
             self._refresh_access_token(stale=used)
             response = self._send_mint(location_id)
         if response.status_code == 429 or response.status_code >= 500:
             raise GrowthHubTransientError(response.status_code, "minting a location token failed")
         return response
 
-    def _send_mint(self, location_id: str) -> requests.Response:
+    def _send_mint(self, location_id: str) -> Answer:
         self._ensure_access_token()
-        response = self.session.post(
-            self.url(MINT_ENDPOINT),
-            data={"companyId": self.company_id, "locationId": location_id},
-            # the session carries no credentials: each request names the current agency token
-            headers={**_FORM, "Authorization": f"Bearer {self._access_token or ''}"},
-            timeout=self.config.timeout,
-        )
-        problem = read_body(response)
-        if problem and response.status_code < 400:
-            raise GrowthHubBadResponse(response.status_code, problem)
+        form = {"companyId": self.company_id, "locationId": location_id}
+        response = self._post_form(MINT_ENDPOINT, form, bearer=True)
+        if response.problem and response.status_code < 400:
+            raise GrowthHubBadResponse(response.status_code, response.problem)
         return response
 
-    def _raise_mint_error(self, response: requests.Response, location_id: str, where: str) -> NoReturn:
+    def _raise_mint_error(self, response: Answer, location_id: str, where: str) -> NoReturn:
         status = response.status_code
         said = self._scrub(short("; ".join(api_messages(response))))
         if status == 403 and "not installed" in said.lower():
@@ -224,7 +216,7 @@ class AgencyClient(GrowthHubClient):
             )
         raise GrowthHubConfigError(f"{where}: {status}: {said} (check the company_id and the location id)")
 
-    def _minted(self, response: requests.Response, where: str) -> tuple[str, Any]:
+    def _minted(self, response: Answer, where: str) -> tuple[str, Any]:
         """The token and lifetime of a 200; its body is never quoted (it holds the token)."""
         try:
             body = json_object(response)

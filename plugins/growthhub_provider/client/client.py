@@ -19,10 +19,7 @@ import time
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import quote
-
-import requests
-from requests_toolbelt.adapters.socket_options import TCPKeepAliveAdapter
+from urllib.parse import quote, urlencode
 
 from growthhub_provider.client.batch import (
     BatchRow,
@@ -41,6 +38,7 @@ from growthhub_provider.client.errors import (
     GrowthHubNotFound,
     GrowthHubRejected,
     GrowthHubTransientError,
+    GrowthHubTransportError,
 )
 from growthhub_provider.client.responses import (
     UpsertResult,
@@ -50,11 +48,11 @@ from growthhub_provider.client.responses import (
     identity_keys,
     json_object,
     raise_for_status,
-    read_body,
     short,
     upsert_result,
 )
 from growthhub_provider.client.settings import RetryTally
+from growthhub_provider.client.transport import Transport
 from growthhub_provider.masking import mask_pii
 
 if TYPE_CHECKING:
@@ -64,7 +62,9 @@ if TYPE_CHECKING:
 
     from growthhub_provider.client.coordination import Coordination, RateLimiter, TokenStore
     from growthhub_provider.client.settings import ClientConfig
+    from growthhub_provider.client.transport import Answer
 
+USER_AGENT = "growthhub-provider"
 UPSERT_ENDPOINT = "/contacts/upsert"
 OAUTH_ENDPOINT = "/oauth/token"
 _CONNECTION_TEST_CONTACT = "growthhub-connection-test"
@@ -124,8 +124,14 @@ class GrowthHubClient:
         for secret in config.secrets:
             self._learn_secret(secret)
         self.last_batch_stats: BatchStats | None = None
-        self._session_lock = threading.Lock()
-        self._session: requests.Session | None = None
+        self.transport = Transport(timeout=config.timeout, verify=config.verify, proxies=config.proxies)
+        self._headers = {
+            "Accept": "application/json",
+            "Accept-Encoding": "gzip, deflate",
+            "Content-Type": "application/json",
+            "User-Agent": USER_AGENT,
+            "Version": config.api_version,
+        }
         self._limiter: RateLimiter | None = None
         self._token_store: TokenStore | None = None
         self._refresh_lock = threading.Lock()
@@ -157,36 +163,6 @@ class GrowthHubClient:
     def daily_remaining(self) -> int | None:
         """Daily quota left: the server's last figure less what went out since (at first: the limit)."""
         return self.limiter.daily_remaining
-
-    @property
-    def session(self) -> requests.Session:
-        """The one session every request and worker thread shares, built on first use."""
-        if self._session is not None:  # read without the lock once built: twice per request
-            return self._session
-        with self._session_lock:
-            if self._session is None:
-                self._session = self._new_session()
-            return self._session
-
-    def _new_session(self) -> requests.Session:
-        config = self.config
-        session = requests.Session()
-        session.verify = config.verify
-        session.proxies.update(config.proxies)
-        # Proxies and CA bundle come from the config, read from the environment once by the
-        # caller: requests would scan os.environ twice per request, a fifth of the CPU per upsert.
-        session.trust_env = False
-        # Bodies are read by read_body, which caps their size.
-        session.stream = True
-        session.headers.update(
-            {"Accept": "application/json", "Content-Type": "application/json", "Version": config.api_version}
-        )
-        adapter = TCPKeepAliveAdapter(
-            idle=120, count=20, interval=30, pool_connections=2, pool_maxsize=config.max_workers
-        )
-        session.mount("http://", adapter)
-        session.mount("https://", adapter)
-        return session
 
     def url(self, endpoint: str) -> str:
         return f"{self.config.base_url.rstrip('/')}/{endpoint.lstrip('/')}"
@@ -289,19 +265,15 @@ class GrowthHubClient:
         """``POST /oauth/token``: trade ``refresh_token`` for a new pair (GrowthHub spends the old one)."""
         oauth = self.config.oauth
         assert oauth is not None
-        response = self.session.post(
-            self.url(OAUTH_ENDPOINT),
-            data={
-                "grant_type": "refresh_token",
-                "client_id": oauth.client_id,
-                "client_secret": oauth.client_secret,
-                "refresh_token": refresh_token,
-                "user_type": oauth.user_type,
-            },
-            headers={"Content-Type": "application/x-www-form-urlencoded"},
-            timeout=self.config.timeout,
-        )
-        problem = read_body(response)
+        form = {
+            "grant_type": "refresh_token",
+            "client_id": oauth.client_id,
+            "client_secret": oauth.client_secret,
+            "refresh_token": refresh_token,
+            "user_type": oauth.user_type,
+        }
+        response = self._post_form(OAUTH_ENDPOINT, form, bearer=False)
+        problem = response.problem
         if response.status_code == 429 or response.status_code >= 500:
             # The token was not spent: the row's retry will try the refresh again.
             raise GrowthHubTransientError(response.status_code, "OAuth refresh failed")
@@ -321,7 +293,7 @@ class GrowthHubClient:
             expires_at=renewal_time(body.get("expires_in")),
         )
 
-    def _oauth_body(self, response: requests.Response, problem: str | None) -> dict[str, Any]:
+    def _oauth_body(self, response: Answer, problem: str | None) -> dict[str, Any]:
         """
         The token pair of a 200 refresh answer; an unusable one fails the task (auth error).
 
@@ -350,8 +322,7 @@ class GrowthHubClient:
 
     def _send(
         self, method: str, endpoint: str, body: dict[str, Any] | None, daily_reserve: int | None
-    ) -> requests.Response:
-        session = self.session
+    ) -> Answer:
         limiter = self.limiter
         if not limiter.acquire(daily_reserve):
             raise _DailyQuotaReached
@@ -359,13 +330,9 @@ class GrowthHubClient:
             # After the wait for a slot, not before it: the wait can outlast a short-lived token,
             # and a request sent with an expired one wastes its slot on a 401.
             self._ensure_access_token()
-            # Session.send, not Session.request: the request is built here, without the per-request
-            # merging of settings, cookies and auth hooks that was a third of the client's CPU.
-            # The API never redirects: a 3xx is an unusable answer, not a POST silently turned GET.
-            response = session.send(
-                self._prepare(method, endpoint, body), timeout=self.config.timeout, allow_redirects=False
-            )
-            problem = read_body(response)
+            headers = {**self._headers, "Authorization": f"Bearer {self._access_token or ''}"}
+            payload = None if body is None else json.dumps(body, allow_nan=False).encode()
+            response = self.transport.request(method, self.url(endpoint), headers, payload)
         except BaseException:
             limiter.release()
             raise
@@ -374,29 +341,23 @@ class GrowthHubClient:
             with self._throttled_lock:
                 self._throttled += 1
         limiter.release(response.headers, throttled=throttled)
-        if problem and response.status_code < 400:
-            raise GrowthHubBadResponse(response.status_code, problem)
+        if response.problem and response.status_code < 400:
+            raise GrowthHubBadResponse(response.status_code, response.problem)
         return response
 
-    def _prepare(self, method: str, endpoint: str, body: dict[str, Any] | None) -> requests.PreparedRequest:
+    def _post_form(self, endpoint: str, form: dict[str, str], *, bearer: bool) -> Answer:
         """
-        The request ``Session.request`` would build for this API, built directly: the session's
-        headers, the current access token (read per request, so a refresh needs no new session)
-        and the JSON body. No cookies: the API sets none.
+        POST a form (the OAuth endpoints), outside the limiter: token traffic is not the
+        location's contacts traffic. ``bearer`` sends the current access token.
         """
-        request = requests.PreparedRequest()
-        request.method = method
-        request.url = self.url(endpoint)
-        request.headers = requests.structures.CaseInsensitiveDict(self.session.headers)
-        request.headers["Authorization"] = f"Bearer {self._access_token or ''}"
-        if body is not None:
-            request.body = json.dumps(body, allow_nan=False).encode()
-            request.headers["Content-Length"] = str(len(request.body))
-        return request
+        headers = {**self._headers, "Content-Type": "application/x-www-form-urlencoded"}
+        if bearer:
+            headers["Authorization"] = f"Bearer {self._access_token or ''}"
+        return self.transport.request("POST", self.url(endpoint), headers, urlencode(form).encode())
 
     def _call(
         self, method: str, endpoint: str, body: dict[str, Any] | None = None, daily_reserve: int | None = None
-    ) -> requests.Response:
+    ) -> Answer:
         """
         Send one request; on a 401 with OAuth, get a newer token once and send again.
 
@@ -408,7 +369,7 @@ class GrowthHubClient:
         try:
             response = self._send(method, endpoint, body, daily_reserve)
             if response.status_code == 401 and self.config.oauth:
-                used = str(response.request.headers.get("Authorization", "")).removeprefix("Bearer ")
+                used = response.request_headers.get("Authorization", "").removeprefix("Bearer ")
                 self._refresh_access_token(stale=used)
                 if self._auth_failure:
                     raise GrowthHubAuthError(self._auth_failure)
@@ -461,7 +422,7 @@ class GrowthHubClient:
             self._call("GET", f"/contacts/{_CONNECTION_TEST_CONTACT}")
         except GrowthHubNotFound:
             pass
-        except (GrowthHubError, requests.RequestException) as e:
+        except GrowthHubError as e:
             return False, self._scrub(str(e))
         return True, f"Connected to {self.base_url} (API version {self.config.api_version})"
 
@@ -476,7 +437,7 @@ class GrowthHubClient:
     def _upsert_row(self, row: BatchRow, daily_reserve: int, retrying: tenacity.Retrying) -> UpsertOutcome:
         attempts = 0
 
-        def attempt() -> requests.Response:
+        def attempt() -> Answer:
             nonlocal attempts
             attempts += 1
             # The reserve only gates a row's first send; a retry finishes what was started.
@@ -499,7 +460,7 @@ class GrowthHubClient:
                 messages=[f"{e.status}: {what}{e.message}"],
                 attempts=attempts,
             )
-        except (requests.RequestException, GrowthHubNotFound) as e:
+        except (GrowthHubTransportError, GrowthHubNotFound) as e:
             return UpsertOutcome(
                 row.key,
                 "failed",

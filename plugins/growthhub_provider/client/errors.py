@@ -75,3 +75,23 @@ class GrowthHubBadResponse(GrowthHubError):
         super().__init__(f"{status}: unusable response: {mask_pii(message)}")
         self.status = status
         self.message = message
+
+
+class GrowthHubTransportError(GrowthHubError):
+    """
+    No usable answer came back: the request may or may not have reached the server.
+
+    Retried as a transient failure (upserts are idempotent); the subclasses name the cause.
+    """
+
+
+class GrowthHubConnectionError(GrowthHubTransportError):
+    """No connection (refused, reset, TLS failure, proxy refused), or a garbled answer."""
+
+
+class GrowthHubTimeout(GrowthHubTransportError):
+    """No connection, or no answer byte, within the timeout."""
+
+
+class GrowthHubBrokenBody(GrowthHubTransportError):
+    """The connection broke in the middle of the answer's body."""

@@ -12,8 +12,6 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-import requests
-
 from growthhub_provider.client.errors import (
     GrowthHubAuthError,
     GrowthHubBadResponse,
@@ -23,12 +21,14 @@ from growthhub_provider.client.errors import (
     GrowthHubTransientError,
 )
 
+# Re-exported: callers read the cap here, with the other limits on what a body may do.
+from growthhub_provider.client.transport import MAX_RESPONSE_BYTES as MAX_RESPONSE_BYTES
+
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-# An upsert answer is a few KB; a body past this comes from something broken (a proxy, a bug) and
-# is cut, its connection dropped, rather than read into a worker's memory.
-MAX_RESPONSE_BYTES = 1024 * 1024
+    from growthhub_provider.client.transport import Answer
+
 # Bodies and API messages quoted in errors, outcomes and logs are cut to this many characters.
 MAX_MESSAGE_CHARS = 500
 MAX_MESSAGES = 20
@@ -58,7 +58,7 @@ def short(text: str) -> str:
     return line if len(line) <= MAX_MESSAGE_CHARS else f"{line[: MAX_MESSAGE_CHARS - 3]}..."
 
 
-def excerpt(response: requests.Response) -> str:
+def excerpt(response: Answer) -> str:
     """The start of a body for an error message, decoded leniently (never the whole body)."""
     head = response.content[: 4 * MAX_MESSAGE_CHARS]
     try:
@@ -68,11 +68,11 @@ def excerpt(response: requests.Response) -> str:
     return short(text)
 
 
-def body_kind(response: requests.Response) -> str:
+def body_kind(response: Answer) -> str:
     return f"{response.headers.get('Content-Type') or 'no Content-Type'}, {len(response.content)} bytes"
 
 
-def _json(response: requests.Response) -> Any:
+def _json(response: Answer) -> Any:
     """The body as JSON; ``ValueError`` when it is not (``RecursionError`` too: absurdly deep JSON)."""
     try:
         return response.json()
@@ -80,7 +80,7 @@ def _json(response: requests.Response) -> Any:
         raise ValueError("JSON nested too deeply") from e
 
 
-def api_messages(response: requests.Response) -> list[str]:
+def api_messages(response: Answer) -> list[str]:
     """The messages of an error answer: the API's list, else the reason and the body's start."""
     fallback = response.reason or f"HTTP {response.status_code}"
     try:
@@ -104,7 +104,7 @@ def api_messages(response: requests.Response) -> list[str]:
     return [fallback]
 
 
-def raise_for_status(response: requests.Response, scrub: Callable[[str], str]) -> None:
+def raise_for_status(response: Answer, scrub: Callable[[str], str]) -> None:
     """
     Raise the error class of an error answer (each maps to one outcome); an answer under 400 passes.
 
@@ -126,38 +126,7 @@ def raise_for_status(response: requests.Response, scrub: Callable[[str], str]) -
     raise GrowthHubRejected(status, messages)
 
 
-def read_body(response: requests.Response) -> str | None:
-    """
-    Read a streamed body into ``response.content``, at most :data:`MAX_RESPONSE_BYTES` (decoded).
-
-    Past the limit, or when the body cannot be decompressed, the connection is dropped instead of
-    drained. Returns what was wrong with the body, or ``None``.
-    """
-    chunks: list[bytes] = []
-    size = 0
-    problem = None
-    declared = response.headers.get("Content-Length", "")
-    try:
-        if declared.isdigit() and int(declared) > MAX_RESPONSE_BYTES:
-            problem = f"body of {int(declared)} bytes is over the {MAX_RESPONSE_BYTES}-byte limit"
-        else:
-            for chunk in response.iter_content(chunk_size=64 * 1024):
-                chunks.append(chunk[: MAX_RESPONSE_BYTES - size])
-                size += len(chunk)
-                if size > MAX_RESPONSE_BYTES:
-                    problem = f"body is over the {MAX_RESPONSE_BYTES}-byte limit"
-                    break
-    except requests.exceptions.ContentDecodingError:
-        problem = f"body could not be decoded (Content-Encoding {response.headers.get('Content-Encoding')})"
-    if problem:
-        response.close()
-    # What requests itself does when it reads a body (stream=False): later .json()/.text use it.
-    response._content = b"".join(chunks)
-    response._content_consumed = True
-    return problem
-
-
-def json_object(response: requests.Response) -> dict[str, Any]:
+def json_object(response: Answer) -> dict[str, Any]:
     """The body of a 2xx answer as a JSON object, else :class:`GrowthHubBadResponse`."""
     status = response.status_code
     if not response.content:
@@ -193,7 +162,7 @@ class UpsertResult:
     trace_id: str | None
 
 
-def upsert_result(response: requests.Response) -> UpsertResult:
+def upsert_result(response: Answer) -> UpsertResult:
     """The contact id, whether it is new and the trace id of a 2xx upsert answer."""
     data = json_object(response)
     trace_id = data.get("traceId")

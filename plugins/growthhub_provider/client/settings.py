@@ -9,11 +9,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import requests
 import tenacity
 
 from growthhub_provider.client.coordination import LimitSettings
-from growthhub_provider.client.errors import GrowthHubConfigError, GrowthHubTransientError
+from growthhub_provider.client.errors import (
+    GrowthHubBrokenBody,
+    GrowthHubConfigError,
+    GrowthHubConnectionError,
+    GrowthHubTimeout,
+    GrowthHubTransientError,
+    GrowthHubTransportError,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -45,7 +51,7 @@ def to_bool(value: Any, default: bool) -> bool:
 
 def tls_verify(value: Any) -> bool | str:
     """
-    The ``verify`` extra as requests takes it: ``True`` (the default), ``False``, or a CA bundle path.
+    The ``verify`` extra: ``True`` (the default), ``False``, or a CA bundle path.
 
     A path keeps verification on against that bundle. Anything else fails here, closed, rather
     than quietly turning verification off.
@@ -146,14 +152,7 @@ class RetryPolicy:
 
         return tenacity.Retrying(
             before_sleep=before_sleep,
-            retry=tenacity.retry_if_exception_type(
-                (
-                    GrowthHubTransientError,
-                    requests.ConnectionError,
-                    requests.Timeout,
-                    requests.exceptions.ChunkedEncodingError,
-                )
-            ),
+            retry=tenacity.retry_if_exception_type((GrowthHubTransientError, GrowthHubTransportError)),
             stop=stop,
             wait=_Backoff(self.backoff_initial_s, self.backoff_max_s),
             reraise=True,
@@ -164,11 +163,11 @@ def retry_cause(error: BaseException | None) -> str:
     """A short name for why a request was retried: its status (``429``, ``503``) or ``timeout``."""
     if isinstance(error, GrowthHubTransientError):
         return str(error.status)
-    if isinstance(error, requests.Timeout):
+    if isinstance(error, GrowthHubTimeout):
         return "timeout"
-    if isinstance(error, requests.exceptions.ChunkedEncodingError):
+    if isinstance(error, GrowthHubBrokenBody):
         return "broken body"
-    if isinstance(error, requests.ConnectionError):
+    if isinstance(error, GrowthHubConnectionError):
         return "connection error"
     return type(error).__name__
 
@@ -202,7 +201,7 @@ class ClientConfig:
     :param limits: the limits to start from until the server's headers say better.
     :param max_workers: requests in flight at once in :meth:`upsert_contacts`.
     :param timeout: seconds to wait for the server (connect and each read).
-    :param verify: TLS verification, as requests takes it (see :func:`tls_verify`).
+    :param verify: TLS verification (see :func:`tls_verify`).
     :param proxies: proxies by scheme (read from the environment once, by the caller).
     :param log_pii: log emails and phones unmasked (debugging only).
     """

@@ -361,18 +361,30 @@ class GrowthHubHook(HttpHook):
         self, headers: dict[Any, Any] | None = None, extra_options: dict[str, Any] | None = None
     ) -> requests.Session:
         """
-        The client's session, built once and shared by every request and worker thread.
+        A requests session set up as the client is (base headers, TLS, proxies), built once.
 
-        Unlike ``HttpHook.get_conn``, connection extras never become headers: they hold secrets.
-        The session streams (``stream=True``) so the client can cap how much of a body it reads;
-        callers using the session directly get lazily read bodies, which ``.json()`` still reads.
+        For callers of ``HttpHook``'s interface only: the client sends over its own transport,
+        and this session carries no token. Unlike
+        ``HttpHook.get_conn``, connection extras never become headers: they hold secrets.
 
-        :param headers: extra headers for every later request of this hook.
+        :param headers: extra headers for every later request of this session.
         :param extra_options: ignored; options come from the connection extras.
         """
-        session = self.client.session
+        session = self._session
         if headers:
             session.headers.update(headers)
+        return session
+
+    @cached_property
+    def _session(self) -> requests.Session:
+        config = self.config
+        session = requests.Session()
+        session.verify = config.verify
+        session.proxies.update(config.proxies)
+        session.trust_env = False  # proxies and CA bundle were read from the environment once
+        session.headers.update(
+            {"Accept": "application/json", "Content-Type": "application/json", "Version": config.api_version}
+        )
         return session
 
     def test_connection(self) -> tuple[bool, str]:
