@@ -445,7 +445,7 @@ def test_quarantined_rows_fixed_at_the_source_are_resolved_by_the_replay(
 
     assert replay.state == "success", replay.tail()
     n = len(quarantined)
-    assert f"| default | {n} | 0 | {n} | 0 | 0 | 0 | 0 |" in (harness.note(replay) or "").splitlines()
+    assert f"| default | {n} | 0 | {n} | 0 | 0 | 0 | 0 | 0 |" in (harness.note(replay) or "").splitlines()
     after = {r["source_key"]: r for r in harness.rows("quarantine")}
     assert {k: after[k]["status"] for k in quarantined} == dict.fromkeys(quarantined, "resolved")
     emails = {(c.get("email") or "").lower() for c in harness.sandbox.contacts(LOCATION_ID)}
