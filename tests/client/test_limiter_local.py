@@ -111,3 +111,43 @@ class TestRateLimiter:
         assert limiter.acquire(daily_reserve=None), "a retry is not held to the reserve"
         limiter.release(_headers(daily_remaining=9))
         assert limiter.daily_remaining == 4, "a late answer with an older figure does not raise it"
+
+    def test_waiting_workers_wake_about_once_per_slot(self) -> None:
+        """Ten workers held back by the window: each freed slot wakes one of them, not all ten."""
+        limiter = RateLimiter(burst=4, interval_s=0.05)
+        wakes = 0
+        wait = limiter._cond.wait
+
+        def counted_wait(timeout: float | None = None) -> bool:
+            nonlocal wakes
+            woke = wait(timeout)
+            wakes += 1
+            return woke
+
+        limiter._cond.wait = counted_wait  # type: ignore[method-assign]
+
+        def worker() -> None:
+            for _ in range(4):
+                limiter.acquire()
+                time.sleep(0.002)
+                limiter.release()
+
+        threads = [threading.Thread(target=worker) for _ in range(10)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        slots_waited_for = 40 - 4
+        assert wakes <= 2 * slots_waited_for, f"{wakes} wake-ups for {slots_waited_for} slots"
+
+    def test_a_release_wakes_the_head_when_every_slot_was_in_flight(self) -> None:
+        limiter = RateLimiter(burst=1, interval_s=0.05)
+        limiter.acquire()
+        got = threading.Event()
+        waiter = threading.Thread(target=lambda: (limiter.acquire(), got.set()))
+        waiter.start()
+        time.sleep(0.02)
+        assert not got.is_set(), "the only slot is in flight"
+        limiter.release()
+        assert got.wait(1.0), "the head learnt the slot's deadline from the release"
+        waiter.join()

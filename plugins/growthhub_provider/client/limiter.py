@@ -50,6 +50,10 @@ class LocalRateLimiter:
         self._in_flight = 0
         self._blocked_until = 0.0
         self._cond = threading.Condition()
+        self._turn = threading.Lock()
+        """Held by the thread at the head of the line, the only one waiting on ``_cond``."""
+        self._wait_untimed = False
+        """The head waits with no deadline (all slots in flight): a release must wake it."""
 
     def acquire(self, daily_reserve: int | None = None) -> bool:
         """
@@ -58,7 +62,7 @@ class LocalRateLimiter:
         :param daily_reserve: refuse (return ``False``) once the known daily quota is down to this;
             ``None`` ignores the daily quota (retries of a row already sent).
         """
-        with self._cond:
+        with self._turn, self._cond:
             while True:
                 if (
                     daily_reserve is not None
@@ -78,7 +82,9 @@ class LocalRateLimiter:
                 elif self._done:
                     self._cond.wait(self._done[0] + self.interval_s - now)
                 else:
+                    self._wait_untimed = True
                     self._cond.wait()
+                    self._wait_untimed = False
 
     def release(self, headers: Mapping[str, str] | None = None, *, throttled: bool = False) -> None:
         """
@@ -92,11 +98,15 @@ class LocalRateLimiter:
             now = time.monotonic()
             self._in_flight -= 1
             self._done.append(now)
+            limits = (self.burst, self.interval_s)
             if headers is not None:
                 self._adapt(headers, now)
             if throttled:
                 self._blocked_until = max(self._blocked_until, now + self.interval_s)
-            self._cond.notify_all()
+            # A release frees no slot (it starts the slot's interval): the head's deadline still
+            # holds unless it had none or the server changed the limits.
+            if self._wait_untimed or limits != (self.burst, self.interval_s):
+                self._cond.notify()
 
     def _adapt(self, headers: Mapping[str, str], now: float) -> None:
         burst = int_header(headers, "X-RateLimit-Max")
