@@ -45,6 +45,9 @@ UNROUTED = "_unrouted"
 class ConfigError(ValueError):
     """The configuration is unusable; the message names the offending key."""
 
+    failure_kind = "config"
+    """How a run's failure alert presents it (:class:`~growthhub_sync.failures.RunFailure`)."""
+
 
 class MissingConnectionError(ConfigError):
     """An Airflow connection the config names (at ``key``) is defined nowhere Airflow looks."""

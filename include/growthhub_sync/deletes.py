@@ -11,8 +11,10 @@ A run that would delete or tag more than ``deletes.max_fraction`` of a location'
 (its ledger rows) sends nothing and fails the location (:class:`MassDeleteError`), unless the run
 allows it (``allow_mass_delete``): an emptied or broken source table must not erase a CRM.
 
-A deleted contact's ledger row, identities, quarantine and pending rows are removed; a tagged
-one keeps its ledger row and identities. Either way the row counts as the outcome ``deleted``.
+A deleted or tagged contact's ledger row, identities, quarantine and pending rows are removed,
+and the row counts as the outcome ``deleted``. A tagged contact leaves the ledger too: it is no
+longer synced, so a later full refresh does not tag it (or count it against the guard) again, and
+if its row comes back it is sent again rather than skipped as unchanged.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class Eraser(Protocol):
 
 class MassDeleteError(ConfigError):
     """The run would delete or tag more than ``deletes.max_fraction`` of a location's contacts."""
+
+    failure_kind = "deletes"
 
 
 def doomed(
@@ -145,49 +149,45 @@ def apply_deletes(
     keys = [*sorted(contacts), *waiting]
     for i in range(0, len(keys), _PART):  # one request at a time: the limiter, not threads, sets the pace
         part = keys[i : i + _PART]
-        stays = {k: send(contacts.get(k)) for k in part}
+        for key in part:
+            send(contacts.get(key))
         with engine.begin() as conn:
-            store = state.StateStore(conn, state.state_tables(config.state), location.name, o.run_id)
-            _forget(store, part, [k for k in part if not stays[k]])
+            _forget(state.StateStore(conn, state.state_tables(config.state), location.name, o.run_id), part)
     done = _DONE[config.deletes.mode]
     log.info("location %s: %d contact(s) %s in GrowthHub", location.name, len(contacts), done)
     return summary.as_dict()
 
 
-def _sender(client: Eraser, mode: str, tag: str) -> Callable[[str | None], bool]:
-    """What deletes or tags one contact (by id; ``None``: the ledger knows none, nothing to send),
-    returning whether it stays in GrowthHub.
+def _sender(client: Eraser, mode: str, tag: str) -> Callable[[str | None], None]:
+    """What deletes or tags one contact (by id; ``None``: the ledger knows none, nothing to send).
 
     A tag is added by an upsert whose ``tags`` overwrite all the contact's tags: its own are read
     first (``GET``) and sent back with the tag. A contact gone already (404) is done either way.
     """
     from growthhub_provider.client import GrowthHubNotFound
 
-    def delete(contact_id: str | None) -> bool:
+    def delete(contact_id: str | None) -> None:
         if contact_id:
             client.delete_contact(contact_id)
-        return False
 
-    def add_tag(contact_id: str | None) -> bool:
+    def add_tag(contact_id: str | None) -> None:
         try:
             contact = client.get_contact(contact_id) if contact_id else None
         except GrowthHubNotFound:
-            return False
+            return
         if contact is None:
-            return False
+            return
         identity = {name: contact[name] for name in ("email", "phone") if contact.get(name)}
         client.upsert_contact({**identity, "tags": list(dict.fromkeys([*(contact.get("tags") or []), tag]))})
-        return True
 
     return delete if mode == "delete" else add_tag
 
 
-def _forget(store: state.StateStore, keys: Sequence[str], erased: Sequence[str]) -> None:
-    """The rows of ``keys`` are no longer synced: their quarantine and pending rows go (they hold
-    emails and phones); those of ``erased`` (contacts gone from GrowthHub) also lose their ledger
-    row and identities."""
+def _forget(store: state.StateStore, keys: Sequence[str]) -> None:
+    """The rows of ``keys`` are no longer synced: their ledger, identity, quarantine and pending
+    rows go (the last three hold emails and phones)."""
     q = store.tables.quarantine
     store.conn.execute(q.delete().where(q.c.location == store.location, q.c.source_key.in_(list(keys))))
     store.clear_pending(keys)
-    store.drop_from_ledger(erased)
-    store.release_owned(erased)
+    store.drop_from_ledger(keys)
+    store.release_owned(keys)

@@ -40,11 +40,12 @@ class RunFailure:
     """Why one location's part of a run failed for good.
 
     :param kind: ``connection`` (GrowthHub refused the credentials or settings: 401, 403, API
-        version, OAuth refresh) or ``config`` (the sync config, e.g. a mapped column missing).
+        version, OAuth refresh), ``config`` (the sync config, e.g. a mapped column missing) or
+        ``deletes`` (the mass-delete guard held the location back: its message says what to do).
     :param credentials: fingerprint of the connection that failed (``connection`` only).
     """
 
-    kind: Literal["connection", "config"]
+    kind: Literal["connection", "config", "deletes"]
     location: str
     message: str
     conn_id: str | None = None
@@ -52,6 +53,8 @@ class RunFailure:
 
     def headline(self) -> str:
         """The alert's first line: the cause and what to do."""
+        if self.kind == "deletes":
+            return f"mass delete held back for {self._where()}: {self.message}"
         if self.kind == "config":
             return (
                 f"config error for {self._where()}: {self.message}; "
@@ -92,7 +95,7 @@ def failure_of(
         fingerprint = credentials_fingerprint(conn, location_id) if conn else None
         return RunFailure("connection", name, message, conn, fingerprint)
     if isinstance(error, ConfigError):
-        return RunFailure("config", name, message)
+        return RunFailure(error.failure_kind, name, message)  # type: ignore[arg-type]
     return None
 
 

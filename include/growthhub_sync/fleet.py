@@ -131,15 +131,24 @@ def plan_fleet(
         work, known = _routed_work(config, eng, tables, win, directory or hook_directory)
     else:
         work, known = _listed_work(config, eng, tables, win)
-    _add_deletes(config, eng, work, known, win, o)
+    held_back = _plan_deletes(config, eng, work, known, win, o)
     work = {name: work[name] for name in _selected(config, work, known, requested)}
     quiet = len(known - set(work)) if not requested else 0
     size = batch_rows or config.batch_size
     with eng.connect() as conn:
-        items = [i for name, w in work.items() for i in _items(conn, config, tables, name, w, win, size)]
+        items = [
+            i
+            for name, w in work.items()
+            if name not in held_back
+            for i in _items(conn, config, tables, name, w, win, size)
+        ]
     if not o.dry_run:
         for name in work:
             start_run(eng, tables, config.location(name), win, o)
+    for name in held_back.keys() & work.keys():  # the run row names it; nothing of it is sent
+        log.warning("location %s: %s", name, held_back[name])
+        failure = failures.failure_of(deletes.MassDeleteError(held_back[name]), config.location(name))
+        failures.record_failure(eng, tables, o.run_id, failure)  # type: ignore[arg-type]
     shards = pack_shards(items, max_shards or config.shards.max, size)
     log.info(
         "plan: %d rows of %d location(s) in %d shard(s); %d quiet location(s)",
@@ -207,18 +216,28 @@ def _listed_work(
     return work, {loc.name for loc in config.locations}
 
 
-def _add_deletes(
+def _plan_deletes(
     config: SyncConfig, eng: Engine, work: dict[str, _Work], known: set[str], win: Window, o: SyncOptions
-) -> None:
+) -> dict[str, str]:
     """Give the locations without rows in the run but with contacts to delete or tag a work item
-    (its first item runs :func:`~growthhub_sync.deletes.apply_deletes`)."""
+    (its first item runs :func:`~growthhub_sync.deletes.apply_deletes`), and return the locations
+    the mass-delete guard holds back (name → why): checked here, before any shard sends, so no
+    shard of a big location is already upserting when another finds its deletes over the limit."""
     if config.deletes.mode == "ignore":
-        return
+        return {}
+    held_back: dict[str, str] = {}
     with eng.connect() as conn:
-        for name in sorted(known - set(work)):
+        for name in sorted(known | {n for n, w in work.items() if not w.reason}):
             loc = config.location(name)
-            if deletes.doomed(conn, config, loc, win, o.full_refresh) or deletes.held(conn, config, loc, win):
+            doomed = deletes.doomed(conn, config, loc, win, o.full_refresh)
+            try:
+                if doomed:
+                    deletes.check_fraction(conn, config, loc, len(doomed), o.allow_mass_delete)
+            except deletes.MassDeleteError as exc:
+                held_back[name] = str(exc)
+            if name not in work and (doomed or deletes.held(conn, config, loc, win)):
                 work[name] = _Work()
+    return held_back
 
 
 def _selected(

@@ -15,7 +15,7 @@ from sync_support import DAY, T0, Warehouse
 from growthhub_sandbox.testing import SandboxAdmin
 from growthhub_sync import state
 from growthhub_sync.config import ConfigError, SyncConfig
-from growthhub_sync.fleet import sync_all
+from growthhub_sync.fleet import finalize_fleet, plan_fleet, sync_all
 from growthhub_sync.outcomes import OUTCOMES, RUN_COUNTS, QuarantineRow
 from growthhub_sync.pipeline import SyncOptions
 
@@ -174,7 +174,33 @@ def test_tag_mode_keeps_the_contact_and_its_tags_and_adds_the_tag(
         assert after[contact_id]["tags"] == [*(before[contact_id].get("tags") or []), "gone-from-dwh"]
     untouched = next(k for k in ledger if k not in doomed)
     assert "gone-from-dwh" not in (after[ledger[untouched]].get("tags") or [])
-    assert _ledger(seeded, cfg) == ledger  # the contacts stay synced
+    # no longer synced: a later run neither tags them again nor skips them if they come back
+    assert set(_ledger(seeded, cfg)) == set(ledger) - set(doomed)
+
+
+def test_tagging_missing_rows_happens_once_whatever_the_full_refreshes(
+    seeded: Warehouse, make_config: Callable[..., SyncConfig], crm: SandboxAdmin
+) -> None:
+    cfg = make_config(deletes={"mode": "tag", "detect": "missing", "tag": "gone", "max_fraction": 0.04})
+    _run(cfg, seeded, "r1")
+    ledger = _ledger(seeded, cfg)
+    stmt = text(f"DELETE FROM {_table(seeded)} WHERE id IN :keys").bindparams(_KEYS)
+    cut = int(0.04 * len(ledger))
+    first, second = sorted(ledger)[:cut], sorted(ledger)[cut : cut + 1]  # each within 4 %, not together
+    assert len(first) >= 1
+    with seeded.engine.begin() as conn:
+        conn.execute(stmt, {"keys": first})
+    assert _run(cfg, seeded, "r2", full_refresh=True)["results"][0]["deleted"] == len(first)
+    requests = crm.stats()["requests"]
+    with seeded.engine.begin() as conn:
+        conn.execute(stmt, {"keys": second})
+
+    out = _run(cfg, seeded, "r3", full_refresh=True)
+
+    assert out["failed"] == [], "the contacts tagged by r2 no longer count against the guard"
+    assert out["results"][0]["deleted"] == len(second)
+    reads = "GET /contacts/{contactId}"  # a tag reads the contact's tags first (the 404s: access checks)
+    assert crm.stats()["requests"][reads]["200"] - requests[reads]["200"] == len(second)
 
 
 def test_mass_delete_stops_before_sending_any_unless_allowed(
@@ -197,6 +223,26 @@ def test_mass_delete_stops_before_sending_any_unless_allowed(
     assert allowed["status"] == "success"
     assert allowed["deleted"] == len(doomed)
     assert _deletes_sent(crm) == len(doomed)
+
+
+def test_the_guard_holds_a_big_location_back_in_the_plan_before_any_shard_runs(
+    seeded: Warehouse, make_config: Callable[..., SyncConfig], crm: SandboxAdmin
+) -> None:
+    cfg, ledger, doomed = _synced_then_flagged(seeded, make_config, 0.1)
+    touched = [k for k in sorted(ledger) if k not in doomed][:30]
+    stmt = text(f"UPDATE {_table(seeded)} SET updated_at = :at WHERE id IN :keys").bindparams(_KEYS)
+    with seeded.engine.begin() as conn:  # rows to sync in the same window: several work items
+        conn.execute(stmt, {"at": T0 + timedelta(days=1, hours=2), "keys": touched})
+    options = SyncOptions(run_id="r2", dag_id="tests")
+
+    plan = plan_fleet(cfg, NEXT_DAY, options, engine=seeded.engine, batch_rows=10)
+
+    assert plan["locations"] == {"default": len(touched)}
+    assert plan["shards"] == [], "no work item of a held-back location reaches a shard"
+    out = finalize_fleet(cfg, plan, [], options, engine=seeded.engine)
+    assert out["failed"] == ["default"]
+    assert out["results"][0]["error"].startswith("mass delete held back for location default: deletes: ")
+    assert _deletes_sent(crm) == 0
 
 
 def test_ignore_is_the_default_and_changes_nothing(
