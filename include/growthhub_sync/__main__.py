@@ -17,6 +17,7 @@ from sqlalchemy import create_engine
 
 from growthhub_sync.config import ConfigError, MissingConnectionError, load_config
 from growthhub_sync.demo import seed_demo
+from growthhub_sync.fleet import sync_all
 from growthhub_sync.pipeline import SyncOptions, replay_quarantine, sync
 from growthhub_sync.reasons import REASONS, is_code
 from growthhub_sync.upsert import require_connection
@@ -112,7 +113,11 @@ def _run(args: argparse.Namespace) -> dict[str, Any]:
     run_id = args.run_id or f"cli__{datetime.now(UTC).isoformat()}"
     if args.command == "sync":
         opts = SyncOptions(run_id=run_id, dry_run=args.dry_run, full_refresh=args.full_refresh, dag_id="cli")
-        return sync(config, location, {"start": args.start, "end": args.end}, opts, engine=engine)
+        window = {"start": args.start, "end": args.end}
+        if config.deletes.mode != "ignore":  # deletions (and their guard) are planned as in the DAG
+            out = sync_all(config, window, opts, engine=engine, requested=[location])
+            return out["results"][0] if out["results"] else {"location": location, "extracted": 0}
+        return sync(config, location, window, opts, engine=engine)
     opts = SyncOptions(run_id=run_id, dry_run=args.dry_run, dag_id="cli")
     return replay_quarantine(
         config,

@@ -3,16 +3,21 @@ state tables, within the mass-delete guard; SQLite and PostgreSQL."""
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 import test_sync_sandbox
+import yaml
 from sqlalchemy import bindparam, func, select, text
 from sync_support import DAY, T0, Warehouse
 
 from growthhub_sandbox.testing import SandboxAdmin
+from growthhub_sync import __main__ as cli
 from growthhub_sync import state
 from growthhub_sync.config import ConfigError, SyncConfig
 from growthhub_sync.fleet import finalize_fleet, plan_fleet, sync_all
@@ -223,6 +228,28 @@ def test_mass_delete_stops_before_sending_any_unless_allowed(
     assert allowed["status"] == "success"
     assert allowed["deleted"] == len(doomed)
     assert _deletes_sent(crm) == len(doomed)
+
+
+def test_the_cli_sync_applies_deletes_too(
+    seeded: Warehouse,
+    make_config: Callable[..., SyncConfig],
+    crm: SandboxAdmin,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    cfg, ledger, doomed = _synced_then_flagged(seeded, make_config, 0.01)
+    config_file = tmp_path / "sync.yaml"
+    config_file.write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True, exclude_none=True)))
+    window = ["--start", NEXT_DAY["start"], "--end", NEXT_DAY["end"]]
+    capsys.readouterr()  # what the first run printed
+
+    cli.main(["--config", str(config_file), "--url", seeded.url, "sync", "--run-id", "r2", *window])
+
+    printed = capsys.readouterr().out  # the run's log lines, then its summary
+    out = json.loads(printed[[m.start() for m in re.finditer(r"(?m)^\{$", printed)][-1] :])
+    assert (out["location"], out["deleted"], out["invariant_ok"]) == ("default", len(doomed), True)
+    assert _deletes_sent(crm) == len(doomed)
+    assert set(_ledger(seeded, cfg)) == set(ledger) - set(doomed)
 
 
 def test_the_guard_holds_a_big_location_back_in_the_plan_before_any_shard_runs(
