@@ -58,11 +58,11 @@ class RunFailure:
         if self.kind == "config":
             return (
                 f"config error for {self._where()}: {self.message}; "
-                "fix the config, then clear the failed tasks"
+                "fix the config, then clear the run"
             )
         return (
             f"{self._connection_cause()} for {self._where()}: "
-            f"fix connection {self.conn_id}, then clear the failed tasks"
+            f"fix connection {self.conn_id}, then clear the run"
         )
 
     def _where(self) -> str:

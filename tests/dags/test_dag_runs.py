@@ -471,7 +471,7 @@ def test_failed_run_sends_exactly_one_notification_naming_the_cause(harness: Har
     assert note["run_id"] == run.run_id
     assert note["text"].splitlines()[0] == (
         "GrowthHub sync: GrowthHub rejected the token (401) for location default: "
-        "fix connection growthhub_default, then clear the failed tasks"
+        "fix connection growthhub_default, then clear the run"
     )
     assert harness.sandbox.contacts(LOCATION_ID) == []
 
@@ -695,6 +695,6 @@ def test_one_location_refused_fails_the_run_with_one_alert_naming_it_while_the_o
     (note,) = harness.notifications()
     assert note["text"].splitlines()[0] == (
         "GrowthHub sync: GrowthHub rejected the token (401) for location east: "
-        "fix connection growthhub_east, then clear the failed tasks"
+        "fix connection growthhub_east, then clear the run"
     )
     assert "locations: east" in note["text"]

@@ -241,7 +241,7 @@ def test_wrong_token_fails_the_run_fast_with_one_alert_naming_the_401(
     (alert,) = mine
     assert alert.splitlines()[0] == (
         "GrowthHub sync: GrowthHub rejected the token (401) for location default: "
-        "fix connection growthhub_bad_token, then clear the failed tasks"
+        "fix connection growthhub_bad_token, then clear the run"
     )
 
 

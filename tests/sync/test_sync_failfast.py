@@ -27,7 +27,7 @@ TOKEN = "tok-failfast"
 UPSERT = "POST /contacts/upsert"
 REJECTED_401 = (
     r"^GrowthHub rejected the token \(401\) for location default: "
-    r"fix connection growthhub_default, then clear the failed tasks$"
+    r"fix connection growthhub_default, then clear the run$"
 )
 
 
@@ -117,7 +117,7 @@ def test_config_error_at_plan_fails_at_once_naming_it(
     headline = str(failed.value)
     assert headline.startswith("config error for location default: ")
     assert "mapping.fields.email.column: column 'email_address' not in crm_contacts" in headline
-    assert headline.endswith("; fix the config, then clear the failed tasks")
+    assert headline.endswith("; fix the config, then clear the run")
     assert [f.kind for f in _failures(config, warehouse, "r1")] == ["config"]
 
 
@@ -153,7 +153,7 @@ def test_failure_alert_names_the_recorded_cause_not_the_data(
     first, *rest = alert.splitlines()
     assert first == (
         "GrowthHub sync: GrowthHub rejected the token (401) for location default: "
-        "fix connection growthhub_default, then clear the failed tasks"
+        "fix connection growthhub_default, then clear the run"
     )
     assert "top errors:" not in rest
 
