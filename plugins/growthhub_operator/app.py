@@ -100,6 +100,9 @@ def replay_trigger() -> Trigger:
 FilterDep = Annotated[queries.QuarantineFilter, Depends(quarantine_filter)]
 Before = Annotated[int | None, Query(ge=1, description="cursor: rows with a smaller id")]
 Limit = Annotated[int, Query(ge=1, le=queries.MAX_PAGE)]
+LocationParam = Annotated[str | None, Query(max_length=200, description="one location only")]
+SUMMARY_FROM = 12
+"""Locations the runs page shows in full (chart and table each); more get one summary row each."""
 
 
 def create_app() -> FastAPI:
@@ -110,8 +113,8 @@ def create_app() -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse, dependencies=read)
     @app.get("/runs", response_class=HTMLResponse, dependencies=read, include_in_schema=False)
-    def runs_page(request: Request, wh: WarehouseDep) -> HTMLResponse:
-        return templates.TemplateResponse(request, "runs.html", _runs_context(wh))
+    def runs_page(request: Request, wh: WarehouseDep, location: LocationParam = None) -> HTMLResponse:
+        return templates.TemplateResponse(request, "runs.html", _runs_context(wh, location=location))
 
     @app.get("/quarantine", response_class=HTMLResponse, dependencies=read)
     def quarantine_page(
@@ -125,8 +128,8 @@ def create_app() -> FastAPI:
         return templates.TemplateResponse(request, "quarantine.html", context)
 
     @app.get("/api/runs", dependencies=read)
-    def runs_json(wh: WarehouseDep, limit: Limit = 50) -> dict[str, Any]:
-        context = _runs_context(wh, limit=limit)
+    def runs_json(wh: WarehouseDep, limit: Limit = 50, location: LocationParam = None) -> dict[str, Any]:
+        context = _runs_context(wh, limit=limit, location=location, summary_from=None)
         return {"locations": [{**s, "runs": [r.as_dict() for r in s["runs"]]} for s in context["sections"]]}
 
     @app.get("/api/quarantine", dependencies=read)
@@ -149,16 +152,31 @@ def create_app() -> FastAPI:
     return app
 
 
-def _runs_context(wh: Warehouse, limit: int = 50) -> dict[str, Any]:
-    sections = []
+def _runs_context(
+    wh: Warehouse, limit: int = 50, location: str | None = None, summary_from: int | None = SUMMARY_FROM
+) -> dict[str, Any]:
+    """Each location's recent runs; past ``summary_from`` locations (an agency's hundreds), one
+    row per location with its latest run instead, each linking to its own page (``location``)."""
+    sections, summary = [], []
     if queries.tables_exist(wh.engine, wh.tables):
         with wh.engine.connect() as conn:
             names = wh.locations(queries.run_locations(conn, wh.tables) if wh.discovered else ())
+            if location is not None:
+                names = [name for name in names if name == location]
             counts = queries.open_counts(conn, wh.tables, names)
+            brief = summary_from is not None and len(names) > summary_from
             for name in names:
-                runs = queries.recent_runs(conn, wh.tables, name, limit=limit)
-                sections.append({"location": name, "open_rows": counts.get(name, 0), "runs": runs})
-    return {"sections": sections, "sync_dag": SYNC_DAG_ID, "chart": _chart, "count_cap": queries.COUNT_CAP}
+                runs = queries.recent_runs(conn, wh.tables, name, limit=1 if brief else limit)
+                (summary if brief else sections).append(
+                    {"location": name, "open_rows": counts.get(name, 0), "runs": runs}
+                )
+    return {
+        "sections": sections,
+        "summary": summary,
+        "sync_dag": SYNC_DAG_ID,
+        "chart": _chart,
+        "count_cap": queries.COUNT_CAP,
+    }
 
 
 def _chart(runs_newest_first: list[queries.RunRow]) -> Markup:

@@ -21,7 +21,7 @@ from sqlalchemy import inspect, text
 from ui_support import T0, StateDB, write_config
 
 from growthhub_operator import access, queries
-from growthhub_operator.app import _age, create_app, replay_allowed, replay_trigger
+from growthhub_operator.app import SUMMARY_FROM, _age, create_app, replay_allowed, replay_trigger
 from growthhub_operator.chart import runs_chart
 from growthhub_operator.queries import RunRow
 from growthhub_sync import state
@@ -342,6 +342,30 @@ class TestDiscoveredLocations:
             ("loc-d", 0, ["run1"]),
             ("north", 0, []),
         ]
+
+    def test_runs_page_of_an_agency_is_one_row_per_location_each_linking_to_its_runs(
+        self, discovered: StateDB, make_client: Callable[..., TestClient]
+    ) -> None:
+        for i in range(SUMMARY_FROM):  # with loc-a, loc-d and north: over the page's full sections
+            discovered.run(f"sub-{i:02d}", f"run-sub-{i}", T0 + timedelta(hours=i), created=5, rejected=i)
+        client = make_client()
+
+        page = client.get("/").text
+
+        rows = re.findall(r'<tr data-location="([^"]+)">', page)
+        assert rows == ["loc-a", "loc-d", "north", *[f"sub-{i:02d}" for i in range(SUMMARY_FROM)]]
+        assert "<svg" not in page, "no chart per location"
+        sub = page.split('<tr data-location="sub-03">')[1].split("</tr>")[0]
+        assert 'href="runs?location=sub-03"' in sub
+        assert re.findall(r'<td class="num">([^<]+)</td>', sub)[:6] == ["8", "5", "0", "0", "3", "0"]
+        assert "no run yet" in page.split('<tr data-location="north">')[1].split("</tr>")[0]
+
+        one = client.get("/runs", params={"location": "loc-a"}).text
+        assert re.findall(r'data-location="([^"]+)"', one) == ["loc-a"]
+        assert one.count("<rect") == 2, "its own chart: one bar per run"
+        api = client.get("/api/runs", params={"location": "loc-a"}).json()["locations"]
+        assert [(s["location"], len(s["runs"])) for s in api] == [("loc-a", 2)]
+        assert len(client.get("/api/runs").json()["locations"]) == 3 + SUMMARY_FROM, "the API lists all"
 
     def test_replay_names_the_discovered_location(
         self, discovered: StateDB, make_client: Callable[..., TestClient], triggered: Triggered
