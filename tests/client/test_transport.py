@@ -136,6 +136,28 @@ def test_headers_of_the_answer_are_case_insensitive(scripted_api: ScriptedApi) -
     assert answer.headers.get("x-ratelimit-remaining") == answer.headers["X-RATELIMIT-REMAINING"] == "7"
 
 
+def test_header_lines_repeated_or_folded_read_as_http_client_read_them() -> None:
+    lines = [
+        b"Content-Type: application/json\r\n",
+        b"Cache-Control: no-cache\r\n",
+        b"cache-control: no-store\r\n",
+        b"X-Note: first part\r\n",
+        b"\tsecond part\r\n",
+        b"no colon here\r\n",
+        b"X-Empty:\r\n",
+    ]
+    headers = transport_module._parse_headers(lines)
+    assert dict(headers) == {
+        "content-type": "application/json",
+        "cache-control": "no-cache, no-store",
+        "x-note": "first part second part",
+        "x-empty": "",
+    }
+    assert "CONTENT-TYPE" in headers
+    assert headers.get_all("Cache-Control") == ["no-cache, no-store"]
+    assert headers.get_all("Missing", []) == []
+
+
 def test_redirects_are_answers_not_followed(scripted_api: ScriptedApi) -> None:
     scripted_api.get("/ping", Reply(302, b"", None, headers={"Location": "/elsewhere"}))
     answer = get(new_transport(), scripted_api)
