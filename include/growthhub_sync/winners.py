@@ -10,8 +10,11 @@ batch probes by primary key once per chunk (:meth:`PlannedLosers.hold_back`): a 
 quarantined as ``duplicate_identity`` of its winner and never sent, whatever the batch order.
 Rows of later runs and races between runs are still settled by the identities table.
 
-A winner the plan could not see fail (a quality check, a 4xx, a newer owner it lost to) would
-leave its losers stranded: :func:`release_stranded` has the run's finalize decide them again.
+Winners that will not be sent keep no losers: the plan runs the quality checks on the winners
+that have losers, and asks the identities table whether an owner outside the window outranks
+them; their losers are decided by their batches as before. A winner the plan could not see fail
+(the API refused it) would leave its losers stranded: :func:`release_stranded` has the run's
+finalize decide them again.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Column, String, Table, and_, cast, exists, false, null, select
 
+from growthhub_sync.checks import checker_for
 from growthhub_sync.extract import Source, stream
 from growthhub_sync.identity import Candidate, names, rank
 from growthhub_sync.keyed import rows_by_key
@@ -105,6 +109,7 @@ def plan_winners(
     with engine.connect() as conn:
         rows, claimed, losers = _newest_first(conn, source, mapper, tables, contact, window, full_refresh)
         beaten = _outranked(StateStore(conn, tables, location.name), source, mapper, claimed, losers)
+        beaten |= _failing(conn, config, location, source, mapper, set(losers.values()) - beaten)
     held = {k: w for k, w in losers.items() if w not in beaten}
     with engine.begin() as conn:
         forget_run(conn, table, run_id, location.name)
@@ -184,6 +189,30 @@ def _outranked(
         if _rank(o) > _rank(w):
             beaten.add(wanted[n])
     return beaten
+
+
+def _failing(
+    conn: Connection,
+    config: SyncConfig,
+    location: LocationConfig,
+    source: Source,
+    mapper: Mapper,
+    keys: Iterable[str],
+) -> set[str]:
+    """Of the winners ``keys``, those the quality checks will quarantine: their batch sends
+    nothing, so their losers are left to the batches, which decide them as before. Only winners
+    with losers are checked (a few per cent of a first load), with the batches' own suite."""
+    errors = set(config.quality.errors) | {"identity"}
+    failing: set[str] = set()
+    for part in _parts(sorted(keys)):
+        full = list(conn.execute(source.by_keys(list(part), full=True)))
+        if not full:
+            continue
+        batch = mapper.map(full, location.location_id)
+        checker = checker_for(config, tuple(batch.frame.columns), False)
+        result = checker.validate(batch.frame, batch.reasons, "winners")
+        failing.update(batch.keys[j] for j, failed in result.failures.items() if errors & set(failed))
+    return failing
 
 
 def _rows_of(conn: Connection, source: Source, keys: Iterable[str]) -> dict[str, NarrowRow]:
