@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Column, String, Table, and_, cast, exists, false, null, select
+from sqlalchemy import Column, String, Table, and_, cast, exc, exists, false, null, select
 
 from growthhub_sync.checks import checker_for
 from growthhub_sync.extract import Source, stream
@@ -101,7 +101,7 @@ def plan_winners(
     config = config.for_location(location)
     tables = state_tables(config.state)
     table = losers_table(tables)
-    table.create(engine, checkfirst=True)
+    _create(engine, table)
     source = Source(config, location, tables, engine.dialect.name)
     mapper = Mapper(config, source.columns)
     fields = config.mapping.fields
@@ -113,6 +113,7 @@ def plan_winners(
     held = {k: w for k, w in losers.items() if w not in beaten}
     with engine.begin() as conn:
         forget_run(conn, table, run_id, location.name)
+        _forget_finished(conn, table, tables, location.name)
         for part in _parts(sorted(held.items())):
             conn.execute(
                 table.insert(),
@@ -231,6 +232,27 @@ def _rank(row: NarrowRow) -> tuple[str, bool, str]:
 def _parts(seq: Sequence[Any]) -> Iterable[Sequence[Any]]:
     for i in range(0, len(seq), _ROWS):
         yield seq[i : i + _ROWS]
+
+
+def _create(engine: Engine, table: Table) -> None:
+    """Create the losers table if missing; plans of several runs may race to it (as in ``ensure_state``)."""
+    for attempt in range(3):
+        try:
+            table.create(engine, checkfirst=True)
+            return
+        except (exc.IntegrityError, exc.ProgrammingError, exc.OperationalError):
+            if attempt == 2:
+                raise
+
+
+def _forget_finished(conn: Connection, table: Table, tables: StateTables, location: str) -> None:
+    """Drop the losers of the location's runs that finished without their finalize dropping them
+    (a run row no longer ``running``): the table holds only runs in progress."""
+    runs = tables.runs
+    finished = exists().where(
+        runs.c.run_id == table.c.run_id, runs.c.location == table.c.location, runs.c.status != "running"
+    )
+    conn.execute(table.delete().where(table.c.location == location, finished))
 
 
 def forget_run(conn: Connection, table: Table, run_id: str, location: str) -> None:
