@@ -75,7 +75,8 @@ class WinnerPass:
     losers: int
     """Rows held back: quarantined by their batch as duplicates, never sent."""
     left_to_batches: int
-    """Losers of a winner that an owner from the identities table outranks: their batch decides."""
+    """Losers of a winner that will not be sent (it fails a check, or an owner from the identities
+    table outranks it): their batches decide them, as before."""
     seconds: float
 
 
@@ -93,9 +94,9 @@ def plan_winners(
     Rows are read newest first (latest ``updated_at``, then the row in the ledger, then the key,
     as :func:`~growthhub_sync.identity.rank` orders them), so the first row naming an identity
     wins it; a row naming one already won loses and claims none of its own, as a chunk's ranking
-    does. A winner that an owner in the identities table outranks (a newer row outside the window)
-    keeps no losers: their batches decide them against that owner. Safe to repeat: a retried plan
-    replaces the run's losers.
+    does. A winner that will not be sent keeps no losers (their batches decide them): one the
+    quality checks quarantine, or one an owner in the identities table outranks (a newer row
+    outside the window). Safe to repeat: a retried plan replaces the run's losers.
     """
     started = time.perf_counter()
     config = config.for_location(location)
@@ -140,7 +141,7 @@ def _newest_first(
     full_refresh: bool,
 ) -> tuple[int, dict[str, str], dict[str, str]]:
     """One streamed pass over the run's rows, best-ranked first: (rows read, identity → winner,
-    loser → winner). Only keys, times, emails and phones cross the wire; the database sorts."""
+    loser → winner). Only keys, emails and phones cross the wire; the database sorts."""
     led = tables.ledger
     key = cast(source.key, String)
     in_ledger = false() if full_refresh else led.c.payload_hash.is_not(None)
