@@ -43,6 +43,7 @@ LAYERS = {
     "checks": 5,
     "identity": 5,
     "batch": 6,
+    "winners": 6,
     "pipeline": 7,
     "alerts": 7,
     "deletes": 7,

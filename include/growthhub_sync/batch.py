@@ -96,6 +96,10 @@ class _Chunk:
         return [self.keys[i] for i in indexes]
 
 
+HoldBack = Callable[[StateStore, list[Candidate], bool], tuple[list[Candidate], list[QuarantineRow]]]
+"""(store, a chunk's candidates, write) → (candidates to decide as usual, planned losers quarantined)."""
+
+
 class _Outgoing(NamedTuple):
     row: Candidate
     payload_hash: str
@@ -144,6 +148,8 @@ class BatchRunner:
         """Sending a run's leftovers after its batches: no other task of the run is sending."""
         self.before_chunk: Callable[[], None] | None = None
         """Called before each chunk of a real run; raises to stop the batch (a refused token)."""
+        self.hold_back: HoldBack | None = None
+        """Takes the run's planned losers out of a chunk's candidates (:mod:`~growthhub_sync.winners`)."""
 
     def store(self, conn: Connection) -> StateStore:
         """This location's state in one transaction of this run."""
@@ -308,6 +314,12 @@ class BatchRunner:
     ) -> Claim:
         if not chunk.candidates:
             return Claim(keep=[])
+        if self.hold_back is not None and not self.settling:  # settling: every batch has decided
+            chunk.candidates, held = self.hold_back(store, chunk.candidates, write)
+            chunk.quarantine += held
+            s.reasons[DUPLICATE_IDENTITY] += len(held)
+            if not chunk.candidates:
+                return Claim(keep=[])
         queued = {q.source_key for q in chunk.quarantine}
         claim = self.identity.claim(store, chunk.candidates, rivals, queued, write=write)
         chunk.quarantine += claim.duplicates

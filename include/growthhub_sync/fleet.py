@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import String, cast, func, select, union_all
 
-from growthhub_sync import deletes, failures, state
+from growthhub_sync import deletes, failures, state, winners
 from growthhub_sync.config import UNROUTED, ConfigError
 from growthhub_sync.extract import KeyRange, Source, Window, plan_key_ranges
 from growthhub_sync.outcomes import QuarantineRow, Summary, SyncInvariantError
@@ -145,6 +145,10 @@ def plan_fleet(
     if not o.dry_run:
         for name in work:
             start_run(eng, tables, config.location(name), win, o)
+        for name in (n for n, w in work.items() if w.rows and not w.reason and n not in held_back):
+            winners.plan_winners(
+                config, config.location(name), eng, win, run_id=o.run_id, full_refresh=o.full_refresh
+            )
     for name in held_back.keys() & work.keys():  # the run row names it; nothing of it is sent
         log.warning("location %s: %s", name, held_back[name])
         failure = failures.failure_of(deletes.MassDeleteError(held_back[name]), config.location(name))

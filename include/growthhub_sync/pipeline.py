@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from growthhub_sync import failures, state
+from growthhub_sync import failures, state, winners
 from growthhub_sync.batch import BatchRunner, SyncOptions, describe_gx_run, gx_run_name
 from growthhub_sync.checks import check_columns, checker_for
 from growthhub_sync.config import SyncConfig, validate_source_columns
@@ -93,6 +93,7 @@ def plan_sync(
         total, ranges = plan_key_ranges(conn, source, win, batch_rows or config.batch_size)
     if not o.dry_run:
         start_run(eng, tables, loc, win, o)
+        winners.plan_winners(config, loc, eng, win, run_id=o.run_id, full_refresh=o.full_refresh)
     log.info("plan %s: %d rows in %d batches for window %s", loc.name, total, len(ranges), win.as_dict())
     return {
         "location": loc.name,
@@ -155,6 +156,7 @@ def sync_batch(
     if fingerprint is not None:
         guard = failures.CredentialsGuard(eng, runner.tables, o.run_id, loc.name, fingerprint)
         runner.before_chunk = guard.check
+    runner.hold_back = winners.PlannedLosers(runner.tables, o.run_id, loc.name).hold_back
     summary = runner.run_range(sync_window(window, o.full_refresh), kr)
     log.info("batch %s %s: %s", loc.name, kr.as_dict(), summary.counts_line())
     return summary.as_dict()
@@ -189,7 +191,10 @@ def finalize_run(
     tables = state.state_tables(config.state)
     state.ensure_state(eng, tables)
     win = sync_window(window, o.full_refresh)
+    if not (o.dry_run or error):
+        winners.release_stranded(eng, tables, loc.name, o.run_id)
     leftovers = None if o.dry_run or error else _settle_leftovers(config, loc, eng, o, upserter)
+    winners.finish_run(eng, tables, loc.name, o.run_id)
     total, n = Summary(max_samples=o.samples), 0
     for b in batches:
         total.add(b)

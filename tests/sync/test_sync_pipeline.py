@@ -175,8 +175,10 @@ class TestOutcomes:
             _set(warehouse, key, email="same@example.com", updated_at=T0 + timedelta(hours=hour))
         cfg = make_config(batch_size=1)
         out = sync(cfg, "default", None, SyncOptions(run_id="r1"), engine=warehouse.engine, upserter=crm)
-        # the older row went first (key order), then the newer one took its identity and contact
-        assert (out["created"], out["updated"], out["displaced"]) == (2, 1, 1)
+        # the older row's chunk goes first (key order), but the plan decided the winner for the
+        # whole window: the older row is held back, never sent, and the newer one creates the contact
+        assert (out["created"], out["updated"], out["displaced"], out["quarantined"]) == (2, 0, 0, 1)
+        assert [k for k, _ in crm.sent] == ["C00000001", "C00000002"]
         assert {r["source_key"] for r in _rows(warehouse, cfg, "ledger")} == {"C00000001", "C00000002"}
         (q,) = _rows(warehouse, cfg, "quarantine")
         assert (q["source_key"], q["errors"], q["duplicate_of"]) == (
@@ -189,7 +191,7 @@ class TestOutcomes:
         again = sync(cfg, "default", None, SyncOptions(run_id="r2"), engine=warehouse.engine, upserter=crm)
         assert (again["unchanged"], again["quarantined"], again["displaced"]) == (2, 1, 0)
         assert (again["reasons"], again["still_quarantined"]) == ({}, 1)
-        assert len(crm.sent) == 3
+        assert len(crm.sent) == 2
 
     def test_an_older_row_in_a_later_chunk_is_quarantined_and_never_sent(
         self, warehouse: Warehouse, make_config: Callable[..., SyncConfig], crm: FakeCRM
@@ -240,8 +242,9 @@ class TestOutcomes:
         crm.reject["C00000002"] = ["assignedTo: unknown user"]
         cfg = make_config(batch_size=1)
         out = sync(cfg, "default", None, SyncOptions(run_id="r1"), engine=warehouse.engine, upserter=crm)
-        assert (out["rejected"], out["displaced"]) == (1, 1)
-        assert out["leftovers"]["updated"] == 1  # decided again at the end of the run: it owns its contact
+        assert (out["rejected"], out["displaced"]) == (1, 0)  # the older row was held back, never sent
+        assert out["leftovers"]["created"] == 1  # decided again at the end of the run: it wins now
+        assert sorted(k for k, _ in crm.sent) == ["C00000000", "C00000001", "C00000002"]
         assert _rows(warehouse, cfg, "pending") == []
         assert {r["source_key"] for r in _rows(warehouse, cfg, "ledger")} == {"C00000000", "C00000001"}
         (q,) = _rows(warehouse, cfg, "quarantine", status="open")
