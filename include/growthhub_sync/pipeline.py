@@ -197,6 +197,8 @@ def finalize_run(
     for b in batches:
         total.add(b)
         n += 1
+    if verified is not None:  # the reads spent quota after the batches' last figure
+        total.add({"daily_remaining": verified.daily_remaining})
     status = "failed" if error or not total.invariant_ok else "success"
     docs = data_docs(config, o, loc.name) if build_docs and o.keep_results and total.checked else None
     details = {**total.as_dict(), "reject_rate": total.reject_rate, "data_docs": docs, "error": error}

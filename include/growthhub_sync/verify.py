@@ -87,6 +87,8 @@ class Verification:
     """Sampled contacts not compared, by why: ``changed_since_sent``, ``unreadable``, ``no_reader``."""
     fields: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Field → ``{"count", "examples": [{"key", "sent", "found"}]}`` (values masked)."""
+    daily_remaining: int | None = None
+    """The location's daily quota left after the reads (they spend it too), if the client knows."""
 
     def skip(self, why: str, n: int = 1) -> None:
         if n:
@@ -187,6 +189,7 @@ def verify_run(
             out.record(key, [(CONTACT, contact_id, None)])
         else:
             out.record(key, differences(expected[key], found))
+    out.daily_remaining = getattr(client, "daily_remaining", None)
     log.info("verify %s: %d of %d sent contacts read back: %s", location.name, len(chosen), sent, out.line())
     return out
 
