@@ -260,4 +260,23 @@ def fleet_report(finalized: Mapping[str, Any]) -> str:
     ]
     if finalized["failed"]:
         lines.append(f"failed: {', '.join(finalized['failed'])}")
+    lines += [_read_back_line(r) for r in finalized["results"] if r.get("verify_mismatched")]
     return "\n".join(lines)
+
+
+def _read_back_line(result: Mapping[str, Any]) -> str:
+    """``read back default: 2 of 5 contacts differ: gender 2 (e.g. C0042 sent 'female', found 'male')``."""
+    fields = (result.get("verify") or {}).get("fields", {})
+    shown = []
+    for name, entry in fields.items():
+        example = next(iter(entry["examples"]), None)
+        seen = (
+            f" (e.g. {example['key']} sent {example['sent']!r}, found {example['found']!r})"
+            if example
+            else ""
+        )
+        shown.append(f"{name} {entry['count']}{seen}")
+    return (
+        f"read back {result['location']}: {result['verify_mismatched']} of {result['verify_checked']} "
+        f"contacts differ: {'; '.join(shown)}"
+    )

@@ -85,7 +85,8 @@ def test_a_field_ignored_on_update_is_recorded_with_masked_examples_and_alerts_o
     crm.set_faults(ignore_fields={"update": ["gender"], "create": []})
     reads = sum(crm.stats()["requests"][GET].values())
 
-    out = _fleet(cfg, seeded, "r2", NEXT_DAY)["results"][0]
+    finalized = _fleet(cfg, seeded, "r2", NEXT_DAY)
+    out = finalized["results"][0]
 
     assert out["status"] == "success"  # a mismatch does not fail the rows' sync
     assert out["updated"] == len(changed)
@@ -103,6 +104,11 @@ def test_a_field_ignored_on_update_is_recorded_with_masked_examples_and_alerts_o
     # one read per checked contact, plus the plan's access check
     assert sum(crm.stats()["requests"][GET].values()) - reads == 12 + 1
 
+    first_example = gender["examples"][0]["key"]
+    assert (
+        f"read back default: 12 of 12 contacts differ: gender 12 (e.g. {first_example} sent 'female', "
+        "found 'male')"
+    ) in orchestration.fleet_report(finalized).splitlines()
     (alert,) = _alerts(cfg, [out], monkeypatch)
     assert alert.splitlines()[0] == (
         "GrowthHub sync: read-back found contacts GrowthHub did not store as sent (default 12 of 12 "
