@@ -24,6 +24,7 @@ from growthhub_sync.orchestration import (
     DEFAULT_ARGS,
     SYNC_DAG_ID,
     alert_threshold_breach,
+    alert_verify_breach,
     changed_assets,
     fails_fast,
     fleet_report,
@@ -55,7 +56,8 @@ row's location is that column's value). The tasks are the same for 1 or 300 loca
    quarantined + rejected + deferred + deleted*); **publish** emits one Asset event per location whose
    contacts changed, through the `growthhub_contacts` AssetAlias (none on a dry run);
 4. **report**: logs the table of counts per location with a total line and the quiet count,
-   puts them on the run's note and into metrics, alerts once over the reject-rate threshold.
+   puts them on the run's note and into metrics, alerts once over the reject-rate threshold and
+   once when the read-back of a sample of sent contacts finds fields GrowthHub did not store.
 
 **Backfill**: `airflow backfill create --dag-id growthhub_contact_sync --from-date ... --to-date ...`.
 **Params**: `full_refresh` (ignore window and ledger: send everything), `dry_run` (count and show
@@ -142,6 +144,7 @@ def growthhub_contact_sync() -> None:
         log.info("GrowthHub sync run summary\n%s", fleet_report(finalized))
         report_run(context, finalized["results"], prefix="growthhub.sync")
         alert_threshold_breach(CONFIG, context, finalized["results"])
+        alert_verify_breach(CONFIG, context, finalized["results"])
         if finalized["failed"]:  # after writing everything: the run fails, its callback alerts once
             from airflow.sdk.exceptions import AirflowFailException
 

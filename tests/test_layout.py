@@ -42,6 +42,7 @@ LAYERS = {
     "failures": 4,
     "checks": 5,
     "identity": 5,
+    "verify": 5,
     "batch": 6,
     "winners": 6,
     "pipeline": 7,

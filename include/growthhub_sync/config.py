@@ -374,6 +374,17 @@ class DeletesConfig(_Model):
         return self.column if self.mode != "ignore" and self.detect == "column" else None
 
 
+class VerifyConfig(_Model):
+    """Read-back verification: after a run, read ``sample`` (a fraction) of the contacts it created
+    or updated back from GrowthHub, at least one and at most ``max_rows`` per location (``sample:
+    0`` turns it off), and compare every sent field. A run whose share of differing contacts is
+    over ``threshold`` alerts."""
+
+    sample: float = Field(default=0.005, ge=0, le=1)
+    max_rows: int = Field(default=200, ge=1, le=10_000)
+    threshold: float = Field(default=0.0, ge=0, lt=1)
+
+
 class ShardsConfig(_Model):
     """How a run's work is spread: at most ``max`` mapped sync tasks (shards), each running up to
     ``location_concurrency`` locations at once (threads); every shard task takes a slot of ``pool``
@@ -414,6 +425,7 @@ class SyncConfig(_Model):
     """From the mapping form of ``locations``: the routing column and the agency connection."""
     shards: ShardsConfig = Field(default_factory=ShardsConfig)
     deletes: DeletesConfig = Field(default_factory=DeletesConfig)
+    verify: VerifyConfig = Field(default_factory=VerifyConfig)
     mapping: MappingConfig
     quality: QualityConfig = Field(default_factory=QualityConfig)
     state: StateConfig = Field(default_factory=StateConfig)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import exc, inspect, select, update
 
 from growthhub_sync.fields import FIELD, reason_codes
-from growthhub_sync.outcomes import duplicate_winner
+from growthhub_sync.outcomes import VERIFY_COUNTS, duplicate_winner
 from growthhub_sync.reasons import DUPLICATE_IDENTITY, api_code, join_codes
 
 if TYPE_CHECKING:
@@ -31,10 +31,13 @@ def upgrade_quarantine(engine: Engine, quarantine: Table) -> None:
 
 
 def upgrade_runs(engine: Engine, runs: Table) -> None:
-    """Give a runs table the ``deleted`` count, 0 for the runs recorded before it."""
-    _add_column(engine, runs, runs.c.deleted)
-    with engine.begin() as conn:
-        conn.execute(update(runs).where(runs.c.deleted.is_(None)).values(deleted=0))
+    """Give a runs table the counts added since (``deleted``, the read-back's ``verify_*``), 0 for
+    the runs recorded before them."""
+    for name in ("deleted", *VERIFY_COUNTS):
+        column = runs.c[name]
+        _add_column(engine, runs, column)
+        with engine.begin() as conn:
+            conn.execute(update(runs).where(column.is_(None)).values({name: 0}))
 
 
 def legacy_codes(

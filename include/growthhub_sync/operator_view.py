@@ -20,7 +20,7 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
-from growthhub_sync.outcomes import RUN_COUNTS
+from growthhub_sync.outcomes import RUN_COUNTS, VERIFY_COUNTS
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,21 @@ def _reasons_line(result: Mapping[str, Any], base_url: str) -> str:
     reasons = sorted(((k, n) for k, n in (result.get("reasons") or {}).items() if n), key=lambda kv: -kv[1])
     top = ", ".join(f"`{str(code).replace('`', '')}` {n}" for code, n in reasons[:TOP_REASONS])
     link = quarantine_url(base_url, str(result["location"]))
-    return f"- **{result['location']}**: {top or 'no row held back'} · [quarantine]({link})"
+    return (
+        f"- **{result['location']}**: {top or 'no row held back'} · [quarantine]({link}){_read_back(result)}"
+    )
+
+
+def _read_back(result: Mapping[str, Any]) -> str:
+    """`` · read back 5, 2 differ (`gender` 2)``: what the run's verification found, if it checked."""
+    checked = int(result.get("verify_checked") or 0)
+    if not checked:
+        return ""
+    fields = (result.get("verify") or {}).get("fields", {})
+    top = ", ".join(f"`{name}` {f['count']}" for name, f in list(fields.items())[:TOP_REASONS])
+    return f" · read back {checked}, {result.get('verify_mismatched', 0)} differ" + (
+        f" ({top})" if top else ""
+    )
 
 
 def set_run_note(dag_id: str, run_id: str, note: str, conn_id: str = NOTE_CONN_ID) -> bool:
@@ -144,7 +158,8 @@ def _short(exc: Exception) -> str:
 
 
 def emit_metrics(results: Sequence[Mapping[str, Any]], *, prefix: str) -> None:
-    """Rows per outcome and reason, client counters, daily quota left and duration, per location.
+    """Rows per outcome and reason, client counters, contacts read back (and differing), daily
+    quota left and duration, per location.
 
     With tags (Datadog, OpenTelemetry, StatsD with ``statsd_influxdb_enabled``):
     ``<prefix>.rows{location,outcome}``; without (plain StatsD): ``<prefix>.rows.<location>.<outcome>``.
@@ -160,7 +175,7 @@ def emit_metrics(results: Sequence[Mapping[str, Any]], *, prefix: str) -> None:
         for reason, n in (r.get("reasons") or {}).items():
             tags = {**where, "reason": str(reason)}
             stats.incr(_stat(prefix, "reasons", tags, tagged), int(n), tags=tags)
-        for counter in CLIENT_COUNTERS:
+        for counter in (*CLIENT_COUNTERS, *VERIFY_COUNTS):  # the read-back's: contacts checked, differing
             stats.incr(_stat(prefix, counter, where, tagged), int(r.get(counter, 0)), tags=where)
         if r.get("daily_remaining") is not None:
             stats.gauge(

@@ -19,7 +19,7 @@ from growthhub_sync import failures
 from growthhub_sync.alerts import format_alert, send_alert
 from growthhub_sync.config import SyncConfig, load_config
 from growthhub_sync.extract import Window
-from growthhub_sync.outcomes import RUN_COUNTS
+from growthhub_sync.outcomes import RUN_COUNTS, VERIFY_COUNTS
 
 T = TypeVar("T")
 
@@ -148,6 +148,36 @@ def alert_threshold_breach(
     return True
 
 
+def alert_verify_breach(
+    config: SyncConfig, context: Mapping[str, Any], results: Sequence[Mapping[str, Any]]
+) -> bool:
+    """Send one alert naming every location whose read-back found more differing contacts than
+    ``verify.threshold`` allows, and the fields; False if none did."""
+    breached = [r for r in results if r.get("verify_breached")]
+    if not breached:
+        return False
+    dag_id, run_id = run_ids(context)
+    fields: Counter[str] = Counter()
+    for r in breached:
+        fields.update({name: f["count"] for name, f in (r.get("verify") or {}).get("fields", {}).items()})
+    found = ", ".join(f"{r['location']} {r['verify_mismatched']} of {r['verify_checked']}" for r in breached)
+    text = format_alert(
+        headline=(
+            f"read-back found contacts GrowthHub did not store as sent ({found} checked); "
+            f"fields: {', '.join(f'{name} {n}' for name, n in fields.most_common())}; "
+            "see the run row's details.verify"
+        ),
+        dag_id=dag_id,
+        run_id=run_id,
+        locations=[r["location"] for r in breached],
+        counts={name: sum(int(r.get(name, 0)) for r in breached) for name in VERIFY_COUNTS},
+        top_errors=[],
+        run_url=run_url(context),
+    )
+    send_alert(config.alerts, text, context, level=logging.WARNING)
+    return True
+
+
 def on_run_failure(context: Mapping[str, Any]) -> None:
     """DAG-level failure callback: exactly one alert per failed run, whichever tasks failed.
 
@@ -230,4 +260,23 @@ def fleet_report(finalized: Mapping[str, Any]) -> str:
     ]
     if finalized["failed"]:
         lines.append(f"failed: {', '.join(finalized['failed'])}")
+    lines += [_read_back_line(r) for r in finalized["results"] if r.get("verify_mismatched")]
     return "\n".join(lines)
+
+
+def _read_back_line(result: Mapping[str, Any]) -> str:
+    """``read back default: 2 of 5 contacts differ: gender 2 (e.g. C0042 sent 'female', found 'male')``."""
+    fields = (result.get("verify") or {}).get("fields", {})
+    shown = []
+    for name, entry in fields.items():
+        example = next(iter(entry["examples"]), None)
+        seen = (
+            f" (e.g. {example['key']} sent {example['sent']!r}, found {example['found']!r})"
+            if example
+            else ""
+        )
+        shown.append(f"{name} {entry['count']}{seen}")
+    return (
+        f"read back {result['location']}: {result['verify_mismatched']} of {result['verify_checked']} "
+        f"contacts differ: {'; '.join(shown)}"
+    )

@@ -22,6 +22,8 @@ from growthhub_sync.reasons import DUPLICATE_IDENTITY, join_codes
 OUTCOMES = ("unchanged", "created", "updated", "quarantined", "rejected", "deferred", "deleted")
 RUN_COUNTS = ("extracted", *OUTCOMES)
 """The counts a run row stores: extracted = the sum of the outcomes."""
+VERIFY_COUNTS = ("verify_checked", "verify_mismatched")
+"""The read-back verification's counts a run row stores beside them (:mod:`growthhub_sync.verify`)."""
 _COUNTERS = (
     *RUN_COUNTS, "warnings", "checked", "displaced", "still_quarantined", "upserts", "throttled", "retried"
 )  # fmt: skip

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from growthhub_sync import failures, state, winners
+from growthhub_sync import failures, state, verify, winners
 from growthhub_sync.batch import BatchRunner, SyncOptions, describe_gx_run, gx_run_name
 from growthhub_sync.checks import check_columns, checker_for
 from growthhub_sync.config import SyncConfig, validate_source_columns
@@ -181,7 +181,9 @@ def finalize_run(
     contact two mapped tasks raced for, or a row whose winner gave its identity up. They were
     counted by their batch; what settling them did is reported under ``leftovers``.
 
-    Returns the run summary with ``reject_rate`` and ``threshold_breached`` for alerting.
+    Then reads a sample of the contacts the run sent back (:mod:`~growthhub_sync.verify`).
+    Returns the run summary with ``reject_rate``, ``threshold_breached`` and ``verify_breached``
+    for alerting.
     Writing twice for the same run keeps one row. Raises :class:`SyncInvariantError` after
     recording a run whose counts do not add up.
     """
@@ -195,18 +197,24 @@ def finalize_run(
         winners.release_stranded(eng, tables, loc.name, o.run_id)
     leftovers = None if o.dry_run or error else _settle_leftovers(config, loc, eng, o, upserter)
     winners.finish_run(eng, tables, loc.name, o.run_id)
+    verified = None if o.dry_run or error else verify.verify_run(config, loc, eng, o.run_id, upserter)
     total, n = Summary(max_samples=o.samples), 0
     for b in batches:
         total.add(b)
         n += 1
+    if verified is not None:  # the reads spent quota after the batches' last figure
+        total.add({"daily_remaining": verified.daily_remaining})
     status = "failed" if error or not total.invariant_ok else "success"
     docs = data_docs(config, o, loc.name) if build_docs and o.keep_results and total.checked else None
     details = {**total.as_dict(), "reject_rate": total.reject_rate, "data_docs": docs, "error": error}
     if leftovers is not None and leftovers.extracted:
         details["leftovers"] = {**leftovers.outcome_counts(), "displaced": leftovers.displaced}
+    if verified is not None:
+        details["verify"] = verified.as_dict()
     with eng.begin() as conn:
         started = (state.get_run(conn, tables, o.run_id, loc.name) or {}).get("started_at")
-        state.write_run(conn, tables, _run_row(o, loc, win, total, n, status, details))
+        row = {**_run_row(o, loc, win, total, n, status, details), **verify.run_counts(verified)}
+        state.write_run(conn, tables, row)
     if not o.dry_run and total.accounted > total.unchanged:
         state.analyze(eng, tables)
     log.info(
@@ -226,6 +234,8 @@ def finalize_run(
         "invariant_ok": total.invariant_ok,
         "dry_run": o.dry_run,
         "threshold_breached": total.reject_rate > config.quality.reject_rate_threshold,
+        **verify.run_counts(verified),
+        "verify_breached": verify.breached(verified, config.verify),
         "duration_s": _seconds_since(started),
     }
 

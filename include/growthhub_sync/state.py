@@ -36,7 +36,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from growthhub_sync.keyed import rows_by_key
 from growthhub_sync.migrations import upgrade_quarantine, upgrade_runs
-from growthhub_sync.outcomes import RUN_COUNTS
+from growthhub_sync.outcomes import RUN_COUNTS, VERIFY_COUNTS
 from growthhub_sync.reasons import having_any, split_codes
 
 if TYPE_CHECKING:
@@ -139,7 +139,7 @@ def state_tables(cfg: StateConfig) -> StateTables:
         Column("window_end", ts),
         Column("dry_run", Boolean, nullable=False, default=False),
         Column("full_refresh", Boolean, nullable=False, default=False),
-        *(Column(n, Integer, nullable=False, default=0) for n in RUN_COUNTS),
+        *(Column(n, Integer, nullable=False, default=0) for n in (*RUN_COUNTS, *VERIFY_COUNTS)),
         Column("warnings", Integer, nullable=False, default=0),
         Column("batches", Integer, nullable=False, default=0),
         Column("invariant_ok", Boolean),

@@ -41,6 +41,9 @@ RESULT = {
     "retried": 4,
     "daily_remaining": 199_000,
     "duration_s": 2.5,
+    "verify_checked": 5,
+    "verify_mismatched": 2,
+    "verify": {"fields": {"gender": {"count": 2, "examples": []}, "city": {"count": 1, "examples": []}}},
 }
 OTHER = {"location": "eu.west", "extracted": 5, "created": 5, "reasons": {"duplicate": 0}}
 
@@ -74,6 +77,12 @@ def test_note_lists_each_locations_top_reasons_and_links_its_quarantine_page() -
     assert f"- **default**: `email_invalid` 7, `phone_invalid` 4, `api_422` 2 · [quarantine]({url})" in note
     assert "dob_invalid" not in note, "three reasons at most"
     assert "- **eu.west**: no row held back · [quarantine](" in note
+
+
+def test_note_says_what_the_read_back_found_where_it_checked() -> None:
+    note = run_note([RESULT, OTHER], dry_run=False)
+    assert note.splitlines()[-2].endswith(" · read back 5, 2 differ (`gender` 2, `city` 1)")
+    assert "read back" not in note.splitlines()[-1]  # eu.west: nothing read back
 
 
 def test_quarantine_link_is_relative_without_a_base_url_and_quotes_the_location() -> None:
@@ -154,6 +163,8 @@ def test_plain_statsd_gets_the_location_and_outcome_in_the_metric_name(statsd: C
         f"{name}.upserts.default:38|c",
         f"{name}.throttled.default:3|c",
         f"{name}.retried.default:4|c",
+        f"{name}.verify_checked.default:5|c",
+        f"{name}.verify_mismatched.default:2|c",
         f"{name}.daily_remaining.default:199000|g",
         f"{name}.duration.default:2500.000000|ms",
         f"{name}.rows.eu__west.created:5|c",  # a dot in a value would add a segment

@@ -21,7 +21,7 @@ from growthhub_sync import __main__ as cli
 from growthhub_sync import state
 from growthhub_sync.config import ConfigError, SyncConfig
 from growthhub_sync.fleet import finalize_fleet, plan_fleet, sync_all
-from growthhub_sync.outcomes import OUTCOMES, RUN_COUNTS, QuarantineRow
+from growthhub_sync.outcomes import OUTCOMES, RUN_COUNTS, VERIFY_COUNTS, QuarantineRow
 from growthhub_sync.pipeline import SyncOptions
 
 pytestmark = pytest.mark.integration
@@ -307,7 +307,8 @@ def test_an_older_runs_table_gets_the_deleted_count(
     runs = tables.runs
     name = f'"{warehouse.schema}".{runs.name}' if warehouse.schema else runs.name
     with warehouse.engine.begin() as conn:
-        conn.execute(text(f"ALTER TABLE {name} DROP COLUMN deleted"))
+        for column in ("deleted", *VERIFY_COUNTS):  # the release before deletes had none of them
+            conn.execute(text(f"ALTER TABLE {name} DROP COLUMN {column}"))
         counts = [c for c in (*RUN_COUNTS, "warnings", "batches") if c != "deleted"]
         values = {"run_id": "old", "location": "default", "status": "success", **dict.fromkeys(counts, 0)}
         values.update(dry_run=False, full_refresh=False)
