@@ -121,7 +121,7 @@ class Verification:
         }
 
     def line(self) -> str:
-        """``checked 5, mismatched 2 (gender 2)``: the log's and the note's words."""
+        """``checked 5, mismatched 2 (gender 2)``: the log's words."""
         top = ", ".join(f"{name} {entry['count']}" for name, entry in self.as_dict()["fields"].items())
         return f"checked {self.checked}, mismatched {self.mismatched}" + (f" ({top})" if top else "")
 
@@ -180,8 +180,7 @@ def verify_run(
     expected = _expected_payloads(config, location, engine, chosen)
     out.skip("changed_since_sent", len(chosen) - len(expected))
     readable = [(key, contact_id) for key, (contact_id, _) in chosen.items() if key in expected]
-    with ThreadPoolExecutor(READERS, thread_name_prefix="growthhub-verify") as pool:
-        answers = list(pool.map(lambda kc: _read(client, kc[1]), readable))  # type: ignore[arg-type]
+    answers = _read_all(client, [contact_id for _, contact_id in readable])  # type: ignore[arg-type]
     for (key, contact_id), found in zip(readable, answers, strict=True):
         if found is None:
             out.skip("unreadable")
@@ -253,6 +252,16 @@ def _as_sent(payload: dict[str, Any], sent_hash: str, warn_only: Sequence[str]) 
 
 _GONE: dict[str, Any] = {}
 """The answer for a contact GrowthHub does not find (404)."""
+
+
+def _read_all(client: Reader, contact_ids: Sequence[str]) -> list[dict[str, Any] | None]:
+    """:func:`_read` of each contact, in order: the first alone (it builds the hook's client and
+    token once), the rest :data:`READERS` at a time."""
+    if not contact_ids:
+        return []
+    first = _read(client, contact_ids[0])
+    with ThreadPoolExecutor(READERS, thread_name_prefix="growthhub-verify") as pool:
+        return [first, *pool.map(lambda contact_id: _read(client, contact_id), contact_ids[1:])]
 
 
 def _read(client: Reader, contact_id: str) -> dict[str, Any] | None:

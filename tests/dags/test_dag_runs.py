@@ -504,6 +504,33 @@ def test_successful_run_under_the_threshold_sends_no_notification(harness: Harne
     assert run.error_lines() == []
 
 
+def test_read_back_differences_send_exactly_one_notification(harness: Harness) -> None:
+    harness.seed(40, span=timedelta(minutes=50), bad_share=0.0)
+    first = harness.run(SYNC_DAG_ID, T0 + timedelta(hours=1))
+    assert first.state == "success", first.tail()
+    assert harness.notifications() == []
+    tbl = contacts_table(harness.schema)
+    with harness.engine.connect() as conn:
+        keys = list(conn.execute(select(tbl.c.id).where(tbl.c.gender.in_(("male", "female")))).scalars())
+    at = T0 + timedelta(hours=1, minutes=10)
+    modify_contacts(harness.engine, keys, at, schema=harness.schema, gender="other")
+    harness.sandbox.set_faults(ignore_fields={"update": ["gender"], "create": []})  # 200, gender kept
+
+    run = harness.run(SYNC_DAG_ID, T0 + timedelta(hours=2))
+
+    assert run.state == "success", run.tail()  # the rows are synced; the difference is alerted
+    row = next(r for r in harness.rows("runs") if r["run_id"] == run.run_id)
+    assert row["updated"] == len(keys)
+    assert row["verify_checked"] == row["verify_mismatched"] == 1  # 0.5 % of the sent rows, at least one
+    assert list(row["details"]["verify"]["fields"]) == ["gender"]
+    (note,) = harness.notifications()
+    assert note["run_id"] == run.run_id
+    assert note["text"].splitlines()[0] == (
+        "GrowthHub sync: read-back found contacts GrowthHub did not store as sent (default 1 of 1 "
+        "checked); fields: gender 1; see the run row's details.verify"
+    )
+
+
 # --- (5) dry run ----------------------------------------------------------------------------------
 
 

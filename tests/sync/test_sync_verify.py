@@ -17,6 +17,7 @@ import test_sync_sandbox
 from sqlalchemy import select, text
 from sync_support import DAY, T0, Warehouse
 
+from growthhub_provider.hooks.growthhub import GrowthHubHook
 from growthhub_sandbox.testing import SandboxAdmin
 from growthhub_sync import orchestration, state
 from growthhub_sync.config import ConfigError, SyncConfig, VerifyConfig
@@ -24,7 +25,7 @@ from growthhub_sync.demo import contacts_table, modify_contacts, seed_demo
 from growthhub_sync.fleet import sync_all
 from growthhub_sync.outcomes import RUN_COUNTS, VERIFY_COUNTS
 from growthhub_sync.pipeline import SyncOptions, sync
-from growthhub_sync.verify import differences, pick, sample_size
+from growthhub_sync.verify import differences, pick, sample_size, verify_run
 
 NEXT_DAY = {"start": DAY["end"], "end": (T0 + timedelta(days=2)).isoformat()}
 GET = "GET /contacts/{contactId}"
@@ -154,6 +155,21 @@ def test_a_contact_ignored_on_create_or_gone_is_a_difference(
     assert [e["sent"][1:] for e in examples] == ["***"] * 3  # a city is personal data: its first letter
     assert {e["found"] for e in examples} == {None}
     assert out["verify_breached"]  # more than half differ
+
+    # read again (as a retried finalize would): the same sample; a contact deleted meanwhile differs
+    led = state.state_tables(cfg.state).ledger
+    with seeded.engine.connect() as conn:
+        contact_id = conn.execute(
+            select(led.c.contact_id).where(led.c.source_key == examples[0]["key"])
+        ).scalar_one()
+    assert GrowthHubHook(location_id="loc1").delete_contact(contact_id)
+    again = verify_run(cfg, cfg.location("default"), seeded.engine, "r1")
+    assert again is not None
+    assert again.checked == 10
+    assert again.fields["contact"] == {
+        "count": 1, "examples": [{"key": examples[0]["key"], "sent": contact_id, "found": None}]
+    }  # fmt: skip
+    assert again.fields["city"]["count"] == out["verify"]["fields"]["city"]["count"] - 1
 
 
 def test_sample_size_rules() -> None:
