@@ -93,7 +93,7 @@ def print_by_group(stats: pstats.Stats, upserts: int) -> None:
         calls[group] += ncalls
     total = sum(seconds.values())
     print(
-        f"{'group':<28} {'ms/upsert':>9} {'share':>6} {'calls/upsert':>12}   (profiled: slower than unprofiled)"
+        f"{'group':<28} {'ms/upsert':>9} {'share':>6} {'calls/upsert':>12}  (profiled: slower)"
     )
     for group, spent in seconds.most_common():
         per = max(upserts, 1)
