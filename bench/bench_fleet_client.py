@@ -92,9 +92,7 @@ def print_by_group(stats: pstats.Stats, upserts: int) -> None:
         seconds[group] += tottime
         calls[group] += ncalls
     total = sum(seconds.values())
-    print(
-        f"{'group':<28} {'ms/upsert':>9} {'share':>6} {'calls/upsert':>12}  (profiled: slower)"
-    )
+    print(f"{'group':<28} {'ms/upsert':>9} {'share':>6} {'calls/upsert':>12}  (profiled: slower)")
     for group, spent in seconds.most_common():
         per = max(upserts, 1)
         print(f"{group:<28} {1000 * spent / per:9.3f} {spent / total:6.1%} {calls[group] / per:12.0f}")

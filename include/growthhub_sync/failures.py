@@ -56,10 +56,7 @@ class RunFailure:
         if self.kind == "deletes":
             return f"mass delete held back for {self._where()}: {self.message}"
         if self.kind == "config":
-            return (
-                f"config error for {self._where()}: {self.message}; "
-                "fix the config, then clear the run"
-            )
+            return f"config error for {self._where()}: {self.message}; fix the config, then clear the run"
         return (
             f"{self._connection_cause()} for {self._where()}: "
             f"fix connection {self.conn_id}, then clear the run"
