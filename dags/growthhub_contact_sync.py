@@ -23,6 +23,7 @@ from growthhub_sync.orchestration import (
     CONTACTS_ALIAS,
     DEFAULT_ARGS,
     SYNC_DAG_ID,
+    alert_quota_backlog,
     alert_threshold_breach,
     changed_assets,
     fails_fast,
@@ -142,6 +143,7 @@ def growthhub_contact_sync() -> None:
         log.info("GrowthHub sync run summary\n%s", fleet_report(finalized))
         report_run(context, finalized["results"], prefix="growthhub.sync")
         alert_threshold_breach(CONFIG, context, finalized["results"])
+        alert_quota_backlog(CONFIG, context, finalized["results"])
         if finalized["failed"]:  # after writing everything: the run fails, its callback alerts once
             from airflow.sdk.exceptions import AirflowFailException
 
