@@ -37,7 +37,7 @@ def main() -> None:
         names = [f"loc{i}" for i in range(n)]
         with engine.begin() as c:
             for name in names:
-                row = {"run_id": f"earlier{n}", "location": name, "status": "success", "daily_remaining": 1234}
+                row = {"run_id": f"old{n}", "location": name, "status": "success", "daily_remaining": 1234}
                 state.write_run(c, tables, {**row, "started_at": state.utcnow(), "dry_run": False})
         work_items = {name: (LocationConfig(name=name, location_id=name), 500_000) for name in names}
         started = time.perf_counter()
