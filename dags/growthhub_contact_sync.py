@@ -23,6 +23,7 @@ from growthhub_sync.orchestration import (
     CONTACTS_ALIAS,
     DEFAULT_ARGS,
     SYNC_DAG_ID,
+    alert_quota_backlog,
     alert_threshold_breach,
     alert_verify_breach,
     changed_assets,
@@ -145,6 +146,7 @@ def growthhub_contact_sync() -> None:
         report_run(context, finalized["results"], prefix="growthhub.sync")
         alert_threshold_breach(CONFIG, context, finalized["results"])
         alert_verify_breach(CONFIG, context, finalized["results"])
+        alert_quota_backlog(CONFIG, context, finalized["results"])
         if finalized["failed"]:  # after writing everything: the run fails, its callback alerts once
             from airflow.sdk.exceptions import AirflowFailException
 

@@ -40,6 +40,7 @@ LAYERS = {
     "data_docs": 4,
     "retention": 4,
     "failures": 4,
+    "quota": 4,
     "checks": 5,
     "identity": 5,
     "verify": 5,

@@ -185,9 +185,16 @@ class Source:
         return conds
 
     def selection(self, window: Window, key_range: KeyRange, *, pending: bool) -> Select[Any]:
-        """Pending rows of the range (any time), or window rows of the range that are not pending."""
-        which = self._is_pending() if pending else and_(self.in_window(window), ~self._is_pending())
-        return self._select().where(which, *self.routing, *self._in_range(key_range)).order_by(self.key)
+        """Pending rows of the range (any time), longest waiting first: rows deferred for want of
+        quota go out oldest first, none starves; or window rows of the range that are not pending."""
+        where = [*self.routing, *self._in_range(key_range)]
+        if pending:
+            p = self.pending
+            waiting = and_(p.c.location == self.location.name, p.c.source_key == cast(self.key, String))
+            stmt = select(*self.narrow_columns).select_from(self.joined.join(p, waiting))
+            return stmt.where(*where).order_by(p.c.since, self.key)
+        which = and_(self.in_window(window), ~self._is_pending())
+        return self._select().where(which, *where).order_by(self.key)
 
     def by_keys(self, keys: Sequence[str], *, full: bool = False) -> Select[Any]:
         """Narrow rows (or full rows, in :attr:`columns` order) of the given keys."""

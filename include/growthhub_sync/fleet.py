@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import String, cast, func, select, union_all
 
-from growthhub_sync import deletes, failures, state, winners
+from growthhub_sync import deletes, failures, quota, state, winners
 from growthhub_sync.config import UNROUTED, ConfigError
 from growthhub_sync.extract import KeyRange, Source, Window, plan_key_ranges
 from growthhub_sync.outcomes import QuarantineRow, Summary, SyncInvariantError
@@ -135,12 +135,15 @@ def plan_fleet(
     work = {name: work[name] for name in _selected(config, work, known, requested)}
     quiet = len(known - set(work)) if not requested else 0
     size = batch_rows or config.batch_size
+    sending = {name: (config.location(name), w.rows) for name, w in work.items() if not w.reason}
+    forecasts = quota.plan_quota(eng, tables, sending, run_id=o.run_id, reserve=o.daily_reserve)
+    item_rows = {name: quota.item_rows(forecasts.get(name), size, w.rows) for name, w in work.items()}
     with eng.connect() as conn:
         items = [
             i
             for name, w in work.items()
             if name not in held_back
-            for i in _items(conn, config, tables, name, w, win, size)
+            for i in _items(conn, config, tables, name, w, win, item_rows[name])
         ]
     if not o.dry_run:
         for name in work:
@@ -149,6 +152,9 @@ def plan_fleet(
             winners.plan_winners(
                 config, config.location(name), eng, win, run_id=o.run_id, full_refresh=o.full_refresh
             )
+        quota.record_forecasts(eng, tables, o.run_id, forecasts)
+    for line in quota.lines([{"location": n, "quota": f.as_dict()} for n, f in forecasts.items()]):
+        log.info("plan quota: %s", line)
     for name in held_back.keys() & work.keys():  # the run row names it; nothing of it is sent
         log.warning("location %s: %s", name, held_back[name])
         failure = failures.failure_of(deletes.MassDeleteError(held_back[name]), config.location(name))
@@ -164,6 +170,7 @@ def plan_fleet(
         "locations": {name: w.rows for name, w in work.items()},
         "quiet": quiet,
         "total": sum(w.rows for w in work.values()),
+        "quota": {name: f.as_dict() for name, f in forecasts.items()},
     }
 
 
@@ -439,7 +446,8 @@ def finalize_fleet(
             continue
         if failure is not None:  # the run row keeps its cause for the run's failure alert
             failures.record_failure(eng, tables, o.run_id, failure)
-        results.append({**out, "location_id": config.location(name).location_id})
+        forecast = plan.get("quota", {}).get(name)
+        results.append({**out, "location_id": config.location(name).location_id, "quota": forecast})
     docs = data_docs(config, o) if o.keep_results and any(r.get("checked") for r in results) else None
     if broken:
         raise SyncInvariantError("; ".join(broken))

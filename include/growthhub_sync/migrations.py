@@ -11,17 +11,24 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import exc, inspect, select, update
+from sqlalchemy import Column, Date, Integer, exc, inspect, select, update
 
 from growthhub_sync.fields import FIELD, reason_codes
 from growthhub_sync.outcomes import VERIFY_COUNTS, duplicate_winner
 from growthhub_sync.reasons import DUPLICATE_IDENTITY, api_code, join_codes
 
 if TYPE_CHECKING:
-    from sqlalchemy import Column, Table
+    from sqlalchemy import Table
     from sqlalchemy.engine import Engine
 
 _BATCH = 5000  # rows back-filled per transaction
+QUOTA_COUNTS = ("to_send", "quota_left", "quota_deferred", "backlog", "daily_remaining")
+"""The run row's quota columns (:mod:`~growthhub_sync.quota`), NULL in runs recorded before them."""
+
+
+def quota_columns() -> list[Column[Any]]:
+    """The run row's quota forecast: its counts and ``eta``, the UTC day its backlog should be sent."""
+    return [*(Column(name, Integer) for name in QUOTA_COUNTS), Column("eta", Date)]
 
 
 def upgrade_quarantine(engine: Engine, quarantine: Table) -> None:
@@ -32,12 +39,16 @@ def upgrade_quarantine(engine: Engine, quarantine: Table) -> None:
 
 def upgrade_runs(engine: Engine, runs: Table) -> None:
     """Give a runs table the counts added since (``deleted``, the read-back's ``verify_*``), 0 for
-    the runs recorded before them."""
+    the runs recorded before them, and the quota columns (NULL: not forecast)."""
     for name in ("deleted", *VERIFY_COUNTS):
         column = runs.c[name]
         _add_column(engine, runs, column)
         with engine.begin() as conn:
             conn.execute(update(runs).where(column.is_(None)).values({name: 0}))
+    present = _column_names(engine, runs)
+    for name in (*QUOTA_COUNTS, "eta"):
+        if name not in present:
+            _add_column(engine, runs, runs.c[name])
 
 
 def legacy_codes(

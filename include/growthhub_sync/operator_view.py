@@ -20,6 +20,7 @@ from datetime import timedelta
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit, urlunsplit
 
+from growthhub_sync import quota
 from growthhub_sync.outcomes import RUN_COUNTS, VERIFY_COUNTS
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,11 @@ def run_note(results: Sequence[Mapping[str, Any]], *, dry_run: bool, base_url: s
     rows = [
         f"| {r['location']} | " + " | ".join(str(r.get(c, 0)) for c in RUN_COUNTS) + " |" for r in results
     ]
-    reasons = [_reasons_line(r, base_url) for r in results]
+    # the quota lines first: the cut drops lines from the end
+    reasons = [
+        *(f"- quota {line}" for line in quota.lines(results)),
+        *(_reasons_line(r, base_url) for r in results),
+    ]
     shown, kept = len(rows), len(reasons)
     while True:
         note = _compose(head, rows[:shown], len(rows) - shown, reasons[:kept])

@@ -15,7 +15,7 @@ from datetime import timedelta
 from typing import Any, TypeVar
 from urllib.parse import quote
 
-from growthhub_sync import failures
+from growthhub_sync import failures, quota
 from growthhub_sync.alerts import format_alert, send_alert
 from growthhub_sync.config import SyncConfig, load_config
 from growthhub_sync.extract import Window
@@ -178,6 +178,30 @@ def alert_verify_breach(
     return True
 
 
+def alert_quota_backlog(
+    config: SyncConfig, context: Mapping[str, Any], results: Sequence[Mapping[str, Any]]
+) -> bool:
+    """One alert when rows wait for tomorrow's quota and their ETA is new or later than the last
+    week's runs said (a draining backlog alerts once, not every run); False if none. A backlog
+    never fails a run: the alert is a WARNING."""
+    named = quota.slipped(results)
+    if not named:
+        return False
+    dag_id, run_id = run_ids(context)
+    deferred = sum(int(r["quota"]["deferred"]) for r in named)
+    text = format_alert(
+        headline="\n".join([f"daily quota: {deferred} row(s) wait for the next days", *quota.lines(named)]),
+        dag_id=dag_id,
+        run_id=run_id,
+        locations=[r["location"] for r in named],
+        counts={"to_send": sum(int(r["quota"]["to_send"]) for r in named), "deferred_to_tomorrow": deferred},
+        top_errors=[],
+        run_url=run_url(context),
+    )
+    send_alert(config.alerts, text, context, level=logging.WARNING)
+    return True
+
+
 def on_run_failure(context: Mapping[str, Any]) -> None:
     """DAG-level failure callback: exactly one alert per failed run, whichever tasks failed.
 
@@ -261,6 +285,7 @@ def fleet_report(finalized: Mapping[str, Any]) -> str:
     if finalized["failed"]:
         lines.append(f"failed: {', '.join(finalized['failed'])}")
     lines += [_read_back_line(r) for r in finalized["results"] if r.get("verify_mismatched")]
+    lines.extend(f"quota {line}" for line in quota.lines(finalized["results"]))
     return "\n".join(lines)
 
 

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from growthhub_sync import failures, state, verify, winners
+from growthhub_sync import failures, quota, state, verify, winners
 from growthhub_sync.batch import BatchRunner, SyncOptions, describe_gx_run, gx_run_name
 from growthhub_sync.checks import check_columns, checker_for
 from growthhub_sync.config import SyncConfig, validate_source_columns
@@ -213,7 +213,8 @@ def finalize_run(
         details["verify"] = verified.as_dict()
     with eng.begin() as conn:
         started = (state.get_run(conn, tables, o.run_id, loc.name) or {}).get("started_at")
-        row = {**_run_row(o, loc, win, total, n, status, details), **verify.run_counts(verified)}
+        end = quota.run_end(conn, tables, loc.name, total.daily_remaining)
+        row = {**_run_row(o, loc, win, total, n, status, details), **verify.run_counts(verified), **end}
         state.write_run(conn, tables, row)
     if not o.dry_run and total.accounted > total.unchanged:
         state.analyze(eng, tables)
@@ -226,6 +227,7 @@ def finalize_run(
         )
     return {
         **details,
+        **end,
         "run_id": o.run_id,
         "location": loc.name,
         "window": win.as_dict(),

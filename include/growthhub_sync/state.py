@@ -23,7 +23,6 @@ from sqlalchemy import (
     String,
     Table,
     Text,
-    and_,
     bindparam,
     case,
     exc,
@@ -35,7 +34,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from growthhub_sync.keyed import rows_by_key
-from growthhub_sync.migrations import upgrade_quarantine, upgrade_runs
+from growthhub_sync.migrations import quota_columns, upgrade_quarantine, upgrade_runs
 from growthhub_sync.outcomes import RUN_COUNTS, VERIFY_COUNTS
 from growthhub_sync.reasons import having_any, split_codes
 
@@ -147,6 +146,7 @@ def state_tables(cfg: StateConfig) -> StateTables:
         Column("details", JSON),
         Column("started_at", ts),
         Column("finished_at", ts),
+        *quota_columns(),
     )
     Index(f"{p}ix_growthhub_sync_runs_location", runs.c.location, runs.c.started_at)  # the page's runs
     # one owner per email / phone and location, across chunks, mapped tasks and runs: the API
@@ -227,9 +227,7 @@ def write_run(conn: Connection, t: StateTables, row: Mapping[str, Any]) -> None:
 
 
 def get_run(conn: Connection, t: StateTables, run_id: str, location: str) -> dict[str, Any] | None:
-    r = conn.execute(
-        select(t.runs).where(and_(t.runs.c.run_id == run_id, t.runs.c.location == location))
-    ).first()
+    r = conn.execute(select(t.runs).where(t.runs.c.run_id == run_id, t.runs.c.location == location)).first()
     return dict(r._mapping) if r else None
 
 

@@ -11,6 +11,12 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 
+def quota_day() -> int:
+    """The UTC day (days since 1970-01-01) GrowthHub's daily quota counts in; read at call time, so
+    a test can move it with the sandbox's ``POST /_sandbox/day`` instead of waiting for midnight."""
+    return int(time.time() // 86_400)
+
+
 def int_header(headers: Mapping[str, str], name: str) -> int | None:
     value = headers.get(name)
     try:
@@ -35,7 +41,8 @@ class LocalRateLimiter:
     :param burst: requests allowed per ``interval_s``.
     :param interval_s: length of the burst window in seconds.
     :param burst_cap: explicit upper bound from the connection, kept even if the server allows more.
-    :param daily: requests allowed per day: the estimate of what is left until a response says.
+    :param daily: requests allowed per day: the estimate of what is left until a response says,
+        and again at each new UTC day (``X-RateLimit-Limit-Daily`` replaces it once known).
     """
 
     def __init__(
@@ -44,8 +51,11 @@ class LocalRateLimiter:
         self.burst = burst
         self.interval_s = interval_s
         self.burst_cap = burst_cap
-        self.daily_remaining = daily
-        self._day = 0
+        self.daily_limit = daily
+        self._daily_remaining = daily
+        self._day = quota_day()
+        self._learned = False
+        """A response of ``_day`` said what was left: later figures of that day only lower it."""
         self._done: deque[float] = deque()
         self._in_flight = 0
         self._blocked_until = 0.0
@@ -64,10 +74,11 @@ class LocalRateLimiter:
         """
         with self._turn, self._cond:
             while True:
+                self._roll()
                 if (
                     daily_reserve is not None
-                    and self.daily_remaining is not None
-                    and self.daily_remaining <= daily_reserve
+                    and self._daily_remaining is not None
+                    and self._daily_remaining <= daily_reserve
                 ):
                     return False
                 now = time.monotonic()
@@ -76,8 +87,8 @@ class LocalRateLimiter:
                     self._cond.wait(self._blocked_until - now)
                 elif len(self._done) + self._in_flight < self.burst:
                     self._in_flight += 1
-                    if self.daily_remaining is not None:
-                        self.daily_remaining -= 1
+                    if self._daily_remaining is not None:
+                        self._daily_remaining -= 1
                     return True
                 elif self._done:
                     self._cond.wait(self._done[0] + self.interval_s - now)
@@ -85,6 +96,20 @@ class LocalRateLimiter:
                     self._wait_untimed = True
                     self._cond.wait()
                     self._wait_untimed = False
+
+    @property
+    def daily_remaining(self) -> int | None:
+        """Daily quota left: the server's last figure less what went out since (the limit on a new day)."""
+        with self._cond:
+            self._roll()
+            return self._daily_remaining
+
+    def _roll(self) -> None:
+        """At a new UTC day the quota is full again: a process that spent it yesterday sends again."""
+        day = quota_day()
+        if day != self._day:
+            self._day, self._learned = day, False
+            self._daily_remaining = self.daily_limit
 
     def release(self, headers: Mapping[str, str] | None = None, *, throttled: bool = False) -> None:
         """
@@ -113,6 +138,7 @@ class LocalRateLimiter:
         interval_ms = int_header(headers, "X-RateLimit-Interval-Milliseconds")
         remaining = int_header(headers, "X-RateLimit-Remaining")
         daily = int_header(headers, "X-RateLimit-Daily-Remaining")
+        daily_limit = int_header(headers, "X-RateLimit-Limit-Daily")
         if burst is not None and burst > 0:
             self.burst = min(burst, self.burst_cap) if self.burst_cap else burst
         if interval_ms is not None and interval_ms > 0:
@@ -123,14 +149,16 @@ class LocalRateLimiter:
             # window would otherwise book millions of entries, again on every 429
             unseen = min(burst - remaining, self.burst) - (len(self._done) + self._in_flight)
             self._done.extend([now] * max(unseen, 0))
+        if daily_limit is not None and daily_limit > 0:
+            self.daily_limit = daily_limit
         if daily is not None:
             # Requests still in flight may not be in this figure yet; and answers overtake each
             # other, so within a UTC day the estimate only goes down.
             estimate = max(daily - self._in_flight, 0)
-            day = int(time.time() // 86_400)
-            if self.daily_remaining is None or day != self._day or estimate < self.daily_remaining:
-                self.daily_remaining = estimate
-            self._day = day
+            self._roll()
+            if not self._learned or self._daily_remaining is None or estimate < self._daily_remaining:
+                self._daily_remaining = estimate
+            self._learned = True
 
     def _expire(self, now: float) -> None:
         horizon = now - self.interval_s
