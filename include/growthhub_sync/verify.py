@@ -84,7 +84,8 @@ class Verification:
     mismatched: int = 0
     """Checked contacts with at least one field unlike what was sent."""
     skipped: dict[str, int] = field(default_factory=dict)
-    """Sampled contacts not compared, by why: ``changed_since_sent``, ``unreadable``, ``no_reader``."""
+    """Sampled contacts not compared, by why: ``changed_since_sent``, ``unreadable``, ``no_reader``,
+    ``daily_quota_spent``."""
     fields: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Field → ``{"count", "examples": [{"key", "sent", "found"}]}`` (values masked)."""
     daily_remaining: int | None = None
@@ -180,6 +181,7 @@ def verify_run(
     expected = _expected_payloads(config, location, engine, chosen)
     out.skip("changed_since_sent", len(chosen) - len(expected))
     readable = [(key, contact_id) for key, (contact_id, _) in chosen.items() if key in expected]
+    readable = _within_daily_quota(client, readable, out)
     answers = _read_all(client, [contact_id for _, contact_id in readable])  # type: ignore[arg-type]
     for (key, contact_id), found in zip(readable, answers, strict=True):
         if found is None:
@@ -248,6 +250,18 @@ def _as_sent(payload: dict[str, Any], sent_hash: str, warn_only: Sequence[str]) 
             if payload_hash(candidate) == sent_hash:
                 return candidate
     return None
+
+
+def _within_daily_quota(client: Any, readable: list[T], out: Verification) -> list[T]:
+    """As many of ``readable`` as the location's known daily quota still allows: reads spend it
+    too, and a day spent on sending (a backlog draining) leaves none; the others are skipped
+    (``daily_quota_spent``), not read into a 429."""
+    left = getattr(client, "daily_remaining", None)
+    if left is None or left >= len(readable):
+        return readable
+    allowed = max(left, 0)
+    out.skip("daily_quota_spent", len(readable) - allowed)
+    return readable[:allowed]
 
 
 _GONE: dict[str, Any] = {}

@@ -112,6 +112,14 @@ class TestRateLimiter:
         limiter.release(_headers(daily_remaining=9))
         assert limiter.daily_remaining == 4, "a late answer with an older figure does not raise it"
 
+    def test_retries_past_a_spent_quota_leave_it_at_zero(self) -> None:
+        limiter = RateLimiter(burst=100, interval_s=10, daily=1)
+        for _ in range(3):
+            assert limiter.acquire(daily_reserve=None)
+            limiter.release()
+        assert limiter.daily_remaining == 0
+        assert not limiter.acquire(daily_reserve=0)
+
     def test_waiting_workers_wake_about_once_per_slot(self) -> None:
         """Ten workers held back by the window: each freed slot wakes one of them, not all ten."""
         limiter = RateLimiter(burst=4, interval_s=0.05)

@@ -186,6 +186,9 @@ class TestSharedWindow:
         assert sum(taken[0::2]) > 0
         assert sum(taken[1::2]) > 0
         assert limiters[1].daily_remaining == 0
+        assert limiters[0].acquire(daily_reserve=None), "a retry is not held to the quota"
+        limiters[0].release()
+        assert limiters[1].daily_remaining == 0, "nor does it drive the estimate below zero"
 
     def test_daily_remaining_header_lowers_the_shared_estimate(self, prefix: str) -> None:
         settings = LimitSettings(burst=1000, interval_s=10, daily=200_000)

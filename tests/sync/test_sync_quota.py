@@ -127,6 +127,9 @@ def test_a_backlog_of_four_days_drains_oldest_first_and_each_run_says_when_it_is
         row = _run_row(warehouse, cfg, f"day{day}")
         assert (row["to_send"], row["quota_left"], row["quota_deferred"]) == (left + DAILY, DAILY, left)
         assert (row["backlog"], row["daily_remaining"]) == (left, 0)
+        # verification's reads spend the quota too: none left after sending, none read into a 429
+        verified = row["details"]["verify"]
+        assert verified["skipped"] == {"daily_quota_spent": verified["sample"]}
         assert str(row["eta"])[:10] == forecast["eta"]
         # oldest first: each day sends the rows deferred longest, here the next 500 keys
         sent_now = set(_ledger_keys(warehouse, cfg)) - sent_before
@@ -138,7 +141,9 @@ def test_a_backlog_of_four_days_drains_oldest_first_and_each_run_says_when_it_is
 
     contacts = small_quota.contacts("loc1")
     assert len(contacts) == ROWS == len({c["id"] for c in contacts})
-    assert small_quota.stats()["requests"][UPSERT] == {"200": ROWS}, "each row sent once, no 429"
+    requests = small_quota.stats()["requests"]
+    assert requests[UPSERT] == {"200": ROWS}, "each row sent once, no 429"
+    assert "GET /contacts/{contactId}" not in requests, "no read past the day's quota"
     assert sorted(_ledger_keys(warehouse, cfg)) == keys
 
 

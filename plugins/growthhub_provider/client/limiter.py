@@ -87,7 +87,7 @@ class LocalRateLimiter:
                     self._cond.wait(self._blocked_until - now)
                 elif len(self._done) + self._in_flight < self.burst:
                     self._in_flight += 1
-                    if self._daily_remaining is not None:
+                    if self._daily_remaining:  # never below 0: a retry past the quota learns nothing
                         self._daily_remaining -= 1
                     return True
                 elif self._done:

@@ -90,7 +90,7 @@ if expire(interval) < burst then
   redis.call('ZADD', KEYS[1], now + lease_ms, ARGV[1])
   redis.call('PEXPIRE', KEYS[1], math.ceil(lease_ms) + 1000)
   if remaining then
-    redis.call('HSET', KEYS[5], 'day', day, 'remaining', remaining - 1)
+    redis.call('HSET', KEYS[5], 'day', day, 'remaining', math.max(remaining - 1, 0))
     redis.call('EXPIRE', KEYS[5], 172800)
   end
   return {2, 0}
