@@ -184,7 +184,9 @@ def verify_run(
     readable = _within_daily_quota(client, readable, out)
     answers = _read_all(client, [contact_id for _, contact_id in readable])  # type: ignore[arg-type]
     for (key, contact_id), found in zip(readable, answers, strict=True):
-        if found is None:
+        if found is _SPENT:
+            out.skip("daily_quota_spent")
+        elif found is None:
             out.skip("unreadable")
         elif found is _GONE:
             out.record(key, [(CONTACT, contact_id, None)])
@@ -266,6 +268,8 @@ def _within_daily_quota(client: Any, readable: list[T], out: Verification) -> li
 
 _GONE: dict[str, Any] = {}
 """The answer for a contact GrowthHub does not find (404)."""
+_SPENT: dict[str, Any] = {}
+"""The answer when the location's daily quota ran out before the read (another client spent it)."""
 
 
 def _read_all(client: Reader, contact_ids: Sequence[str]) -> list[dict[str, Any] | None]:
@@ -279,14 +283,17 @@ def _read_all(client: Reader, contact_ids: Sequence[str]) -> list[dict[str, Any]
 
 
 def _read(client: Reader, contact_id: str) -> dict[str, Any] | None:
-    """The contact, :data:`_GONE` when GrowthHub does not find it, ``None`` when it could not be
-    read (after the client's retries; an auth error too: the run's sending is done)."""
-    from growthhub_provider.client import GrowthHubError, GrowthHubNotFound
+    """The contact, :data:`_GONE` when GrowthHub does not find it, :data:`_SPENT` when the daily
+    quota is, ``None`` when it could not be read (after the client's retries; an auth error too:
+    the run's sending is done)."""
+    from growthhub_provider.client import GrowthHubDailyQuotaSpent, GrowthHubError, GrowthHubNotFound
 
     try:
         return client.get_contact(contact_id)
     except GrowthHubNotFound:
         return _GONE
+    except GrowthHubDailyQuotaSpent:
+        return _SPENT
     except GrowthHubError as exc:
         log.warning("verify: contact not read (%s)", mask_pii(f"{type(exc).__name__}: {exc}")[:200])
         return None

@@ -147,6 +147,37 @@ def test_a_backlog_of_four_days_drains_oldest_first_and_each_run_says_when_it_is
     assert sorted(_ledger_keys(warehouse, cfg)) == keys
 
 
+@pytest.mark.integration
+def test_runs_after_the_quota_is_spent_defer_without_failing_until_the_next_day(
+    warehouse: Warehouse,
+    make_config: Callable[..., SyncConfig],
+    small_quota: SandboxAdmin,
+    days: list[int],
+) -> None:
+    """The DAG's path (a fresh client per run, the plan's access check): an hourly schedule's
+    second run on a spent day learns it from the check's 429 and defers its rows, no retries."""
+    seed_demo(warehouse.engine, DAILY + 20, schema=warehouse.schema, start=T0, bad_share=0.0)
+    cfg = make_config(batch_size=200)
+
+    def run(run_id: str) -> dict[str, Any]:
+        forget_local_limiters()  # another task process: the limiter starts from the configured quota
+        out = sync_all(cfg, _window(0), SyncOptions(run_id=run_id, dag_id="tests"), engine=warehouse.engine)
+        (result,) = out["results"]
+        assert (result["status"], out["failed"]) == ("success", [])
+        return result
+
+    first = run("first")  # the access check spends one of the day's requests
+    assert (first["created"], first["deferred"]) == (DAILY - 1, 21)
+    again = run("same-day")
+    assert (again["created"], again["deferred"], again["rejected"]) == (0, 21, 0)
+    requests = small_quota.stats()["requests"]
+    assert requests["GET /contacts/{contactId}"] == {"404": 1, "429": 1}, "one check each, not retried"
+    assert requests[UPSERT] == {"200": DAILY - 1}, "no upsert sent into the spent quota"
+    assert small_quota.new_day()["dayOffset"] == 1
+    days[0] = 1
+    assert run("next-day")["created"] == 21
+
+
 def _source_keys(wh: Warehouse) -> list[str]:
     from growthhub_sync.demo import contacts_table
 

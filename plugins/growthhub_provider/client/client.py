@@ -34,6 +34,7 @@ from growthhub_provider.client.errors import (
     GrowthHubAuthError,
     GrowthHubBadResponse,
     GrowthHubConfigError,
+    GrowthHubDailyQuotaSpent,
     GrowthHubError,
     GrowthHubNotFound,
     GrowthHubRejected,
@@ -429,9 +430,10 @@ class GrowthHubClient:
     def verify_access(self) -> None:
         """
         :meth:`check`, but raising: the auth and config errors that fail a run, transient ones
-        only once the retries are spent (a run is not failed by one blip).
+        only once the retries are spent (a run is not failed by one blip). A spent daily quota
+        passes: GrowthHub checked the token before counting the request, and the rows wait.
         """
-        with contextlib.suppress(GrowthHubNotFound):
+        with contextlib.suppress(GrowthHubNotFound, GrowthHubDailyQuotaSpent):
             self.config.retry.retrying()(self._call, "GET", f"/contacts/{_CONNECTION_TEST_CONTACT}")
 
     def _upsert_row(self, row: BatchRow, daily_reserve: int, retrying: tenacity.Retrying) -> UpsertOutcome:
@@ -445,7 +447,7 @@ class GrowthHubClient:
 
         try:
             result = upsert_result(retrying(attempt))
-        except _DailyQuotaReached:
+        except (_DailyQuotaReached, GrowthHubDailyQuotaSpent):
             return UpsertOutcome(row.key, "skipped")
         except GrowthHubRejected as e:
             return UpsertOutcome(

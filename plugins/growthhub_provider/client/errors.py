@@ -60,6 +60,11 @@ class GrowthHubTransientError(GrowthHubError):
         self.throttled = status == 429
 
 
+class GrowthHubDailyQuotaSpent(GrowthHubTransientError):
+    """A 429 with ``X-RateLimit-Daily-Remaining: 0``: the location's daily quota is spent, so no
+    retry helps before the next UTC day; rows wait for a later run (``skipped``), never fail."""
+
+
 class GrowthHubBadResponse(GrowthHubError):
     """
     A 2xx answer whose body is unusable: not JSON, not an object, no ``contact.id``, empty or huge.

@@ -16,10 +16,12 @@ from growthhub_provider.client.errors import (
     GrowthHubAuthError,
     GrowthHubBadResponse,
     GrowthHubConfigError,
+    GrowthHubDailyQuotaSpent,
     GrowthHubNotFound,
     GrowthHubRejected,
     GrowthHubTransientError,
 )
+from growthhub_provider.client.limiter import int_header
 
 # Re-exported: callers read the cap here, with the other limits on what a body may do.
 from growthhub_provider.client.transport import MAX_RESPONSE_BYTES as MAX_RESPONSE_BYTES
@@ -121,6 +123,8 @@ def raise_for_status(response: Answer, scrub: Callable[[str], str]) -> None:
         raise GrowthHubConfigError(f"400: {joined} (check the connection's api_version)")
     if status == 404:
         raise GrowthHubNotFound(f"404: {joined}")
+    if status == 429 and int_header(response.headers, "X-RateLimit-Daily-Remaining") == 0:
+        raise GrowthHubDailyQuotaSpent(status, joined)
     if status == 429 or status >= 500:
         raise GrowthHubTransientError(status, joined)
     raise GrowthHubRejected(status, messages)

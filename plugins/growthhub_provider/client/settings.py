@@ -16,6 +16,7 @@ from growthhub_provider.client.errors import (
     GrowthHubBrokenBody,
     GrowthHubConfigError,
     GrowthHubConnectionError,
+    GrowthHubDailyQuotaSpent,
     GrowthHubTimeout,
     GrowthHubTransientError,
     GrowthHubTransportError,
@@ -152,7 +153,8 @@ class RetryPolicy:
 
         return tenacity.Retrying(
             before_sleep=before_sleep,
-            retry=tenacity.retry_if_exception_type((GrowthHubTransientError, GrowthHubTransportError)),
+            retry=tenacity.retry_if_exception_type((GrowthHubTransientError, GrowthHubTransportError))
+            & tenacity.retry_if_not_exception_type(GrowthHubDailyQuotaSpent),
             stop=stop,
             wait=_Backoff(self.backoff_initial_s, self.backoff_max_s),
             reraise=True,
