@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import String, cast, func, select, union_all
+from sqlalchemy import String, cast, func, select, tuple_, union_all, update
 
 from growthhub_sync import deletes, failures, quota, state, winners
 from growthhub_sync.config import UNROUTED, ConfigError
@@ -407,6 +407,49 @@ def quarantine_unroutable(
     return summary.as_dict()
 
 
+def resolve_moved(config: SyncConfig, eng: Engine, win: Window, run_id: str) -> int:
+    """Resolve the open quarantine rows of keys whose location column names another location now.
+
+    A row quarantined at ``_unrouted`` (or an unknown location) and fixed at the source is a changed
+    row: this run synced, quarantined or deferred it at its new location, and the old row says
+    nothing true any more. Only keys in the window, and only once the new location holds an
+    outcome for the key (ledger, open quarantine or pending row): a row no run handled stays open.
+    """
+    tables = state.state_tables(config.state)
+    q, src = tables.quarantine, Source(config, config.location(UNROUTED), tables, eng.dialect.name)
+    by_value = {loc.location_id: loc.name for loc in config.locations}
+    by_value.update((loc.name, loc.name) for loc in config.locations)  # a name wins, as in the plan
+    column = cast(src.table.c[config.location_routing.from_column], String)
+    held = (
+        select(q.c.id, q.c.location, q.c.source_key, column)
+        .join(src.table, q.c.source_key == cast(src.key, String))
+        .where(q.c.status == "open", src.in_window(win))
+    )
+    moved: dict[tuple[str, str], list[int]] = defaultdict(list)
+    with eng.connect() as conn:
+        for qid, held_at, key, found in conn.execute(held):
+            now_at = UNROUTED if found is None or not found.strip() else by_value.get(found, found)
+            if now_at != held_at:
+                moved[(now_at, key)].append(qid)
+        handled: set[tuple[str, str]] = set()
+        pairs = list(moved)
+        for i in range(0, len(pairs), 500):
+            for table in (tables.ledger, tables.pending, q):
+                which = tuple_(table.c.location, table.c.source_key).in_(pairs[i : i + 500])
+                stmt = select(table.c.location, table.c.source_key).where(which)
+                stmt = stmt.where(q.c.status == "open") if table is q else stmt
+                handled.update((loc, key) for loc, key in conn.execute(stmt))
+    ids = [qid for pair in handled for qid in moved[pair]]
+    if not ids:
+        return 0
+    with eng.begin() as conn:
+        for i in range(0, len(ids), 500):
+            done = update(q).where(q.c.id.in_(ids[i : i + 500]), q.c.status == "open")
+            conn.execute(done.values(status="resolved", resolved_at=state.utcnow()))
+    log.info("run %s: %d quarantine row(s) resolved: their rows moved to another location", run_id, len(ids))
+    return len(ids)
+
+
 # -- finalize ------------------------------------------------------------------------------------
 
 
@@ -448,6 +491,8 @@ def finalize_fleet(
             failures.record_failure(eng, tables, o.run_id, failure)
         forecast = plan.get("quota", {}).get(name)
         results.append({**out, "location_id": config.location(name).location_id, "quota": forecast})
+    if config.location_routing.from_column and not o.dry_run:
+        resolve_moved(config, eng, sync_window(plan["window"], o.full_refresh), o.run_id)
     docs = data_docs(config, o) if o.keep_results and any(r.get("checked") for r in results) else None
     if broken:
         raise SyncInvariantError("; ".join(broken))

@@ -332,6 +332,31 @@ def test_from_column_must_be_a_real_column(fleet_config: SyncConfig, warehouse: 
         validate_source_columns(SyncConfig.model_validate(data), warehouse.engine)
 
 
+def test_a_row_moved_to_another_location_leaves_the_old_quarantine_once_handled_there(
+    warehouse: Warehouse, fleet_config: SyncConfig
+) -> None:
+    routed = _routed(warehouse, VALUES)
+    _sync(fleet_config, warehouse, "r1", Fleet())
+    first = {val: min(k for k, v in routed.items() if v == val) for val in ("loc_gone", "loc_zzz", None)}
+    moves = {first[None]: "loc_a", first["loc_gone"]: "loc_zzz", first["loc_zzz"]: "loc_b"}
+    name = f'"{warehouse.schema}".crm_contacts' if warehouse.schema else "crm_contacts"
+    with warehouse.engine.begin() as conn:  # fixed at the source (the run's window holds every row)
+        for key, value in moves.items():
+            conn.execute(text(f"UPDATE {name} SET location_id = :v WHERE id = :k"), {"v": value, "k": key})
+    before = {(loc, key) for loc, key, *_ in _open_quarantine(fleet_config, warehouse)}
+
+    crm = Fleet(refused={"loc_b"})  # the row moved to loc_b is not handled this run
+    out = _sync(fleet_config, warehouse, "r2", crm)
+
+    assert out["failed"] == ["loc_b"]
+    assert str(first[None]) in {k for k, _ in crm.crms["loc_a"].sent}
+    after = {(loc, key) for loc, key, *_ in _open_quarantine(fleet_config, warehouse)}
+    gone, zzz = str(first["loc_gone"]), str(first["loc_zzz"])
+    assert before - after == {(UNROUTED, str(first[None])), ("loc_gone", gone)}
+    assert after - before == {("loc_zzz", gone)}, "quarantined again where it is now"
+    assert ("loc_zzz", zzz) in after, "kept open until loc_b handles it"
+
+
 def test_replay_resends_rows_of_installed_locations_and_leaves_unroutable_ones_waiting(
     warehouse: Warehouse, fleet_config: SyncConfig
 ) -> None:
