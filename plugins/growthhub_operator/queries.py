@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, inspect, or_, select, text, true, tuple_, union_all
@@ -101,6 +101,13 @@ class RunRow:
     finished_at: datetime | None
     window_start: datetime | None
     window_end: datetime | None
+    backlog: int | None = None
+    """Rows still deferred after the run (quota planning); ``None`` before the column existed."""
+    eta: date | None = None
+    """The UTC day the backlog is forecast to be sent."""
+    verify_checked: int | None = None
+    """Contacts read back and compared (0 or ``None``: none, verification off or a dry run)."""
+    verify_mismatched: int | None = None
 
     @property
     def extracted(self) -> int:
@@ -113,7 +120,7 @@ class RunRow:
         return failed / self.extracted if self.extracted else 0.0
 
     def as_dict(self) -> dict[str, Any]:
-        dates = ("started_at", "finished_at", "window_start", "window_end")
+        dates = ("started_at", "finished_at", "window_start", "window_end", "eta")
         return {
             **{k: v for k, v in self.__dict__.items() if k not in dates},
             **{k: getattr(self, k).isoformat() if getattr(self, k) else None for k in dates},
@@ -148,6 +155,10 @@ def recent_runs(conn: Connection, tables: StateTables, location: str, limit: int
             finished_at=_aware(r.finished_at),
             window_start=_aware(r.window_start),
             window_end=_aware(r.window_end),
+            backlog=r.backlog,
+            eta=r.eta,
+            verify_checked=r.verify_checked,
+            verify_mismatched=r.verify_mismatched,
         )
         for r in conn.execute(stmt)
     ]

@@ -250,6 +250,26 @@ class TestPages:
         assert (runs[1]["location"], runs[1]["runs"], runs[1]["open_rows"]) == ("west", [], 0)
         assert client.get("/runs").text == page
 
+    def test_runs_page_shows_deletes_the_backlog_and_the_read_back(
+        self, state_db: StateDB, make_client: Callable[..., TestClient]
+    ) -> None:
+        eta = (T0 + timedelta(days=3)).date()
+        state_db.run("east", "run0", T0, created=500, deferred=1500, columns={"backlog": 1500, "eta": eta})
+        checked = {"verify_checked": 3, "verify_mismatched": 1}
+        state_db.run("east", "run1", T0 + timedelta(days=1), created=500, deleted=2, columns=checked)
+
+        client = make_client()
+        east = client.get("/").text.split('data-location="east"')[1].split('data-location="west"')[0]
+        rows = east.split("<tbody>")[1].split("</tr>")
+        assert '<span class="mismatch"' in rows[0]
+        assert ">1 of 3 differ<" in rows[0]
+        assert f'1,500 <span class="muted">ETA {eta}</span>' in rows[1]
+        assert "differ" not in rows[1], "no read-back: nothing shown"
+        newest, oldest = client.get("/api/runs").json()["locations"][0]["runs"]
+        read_back = (newest["verify_checked"], newest["verify_mismatched"])
+        assert (newest["counts"]["deleted"], read_back) == (2, (3, 1))
+        assert (oldest["backlog"], oldest["eta"]) == (1500, eta.isoformat())
+
     def test_runs_page_counts_open_rows_up_to_a_cap(
         self, state_db: StateDB, make_client: Callable[..., TestClient], monkeypatch: pytest.MonkeyPatch
     ) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -70,7 +70,15 @@ class StateDB:
         with self.engine.begin() as conn:
             state.StateStore(conn, self.tables, location).resolve_quarantine(keys)
 
-    def run(self, location: str, run_id: str, started: datetime, **counts: int) -> None:
+    def run(
+        self,
+        location: str,
+        run_id: str,
+        started: datetime,
+        columns: Mapping[str, Any] | None = None,
+        **counts: int,
+    ) -> None:
+        """A run row with these outcome counts (extracted: their sum) and other ``columns``."""
         extracted = sum(counts.values())
         row: dict[str, Any] = {
             "run_id": run_id,
@@ -81,6 +89,7 @@ class StateDB:
             "finished_at": started + timedelta(minutes=2),
             "extracted": extracted,
             **counts,
+            **(columns or {}),
         }
         with self.engine.begin() as conn:
             state.write_run(conn, self.tables, row)
