@@ -65,7 +65,6 @@ class SyncOptions:
     dag_id: str | None = None
     dry_run: bool = False
     full_refresh: bool = False
-    daily_reserve: int = 0
     samples: int = 5
     """Masked sample payloads kept in a dry run's summary."""
     keep_results: bool = True
@@ -382,7 +381,8 @@ class BatchRunner:
         received = _Received()
         try:
             rows = [(out.row.key, out.row.payload) for out in sends]
-            for outcome in self.upserter().upsert_contacts(rows, daily_reserve=self.options.daily_reserve):
+            reserve = self.config.quota.daily_reserve
+            for outcome in self.upserter().upsert_contacts(rows, daily_reserve=reserve):
                 key = str(outcome.key)
                 if key in seen or key not in by_key:
                     continue

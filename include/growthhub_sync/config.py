@@ -385,6 +385,14 @@ class VerifyConfig(_Model):
     threshold: float = Field(default=0.0, ge=0, lt=1)
 
 
+class QuotaConfig(_Model):
+    """The daily quota (200,000 requests a day per location): ``daily_reserve`` requests of it are
+    left for other traffic (GrowthHub's own app, other integrations); rows past it wait for the
+    next day's runs."""
+
+    daily_reserve: int = Field(default=0, ge=0)
+
+
 class ShardsConfig(_Model):
     """How a run's work is spread: at most ``max`` mapped sync tasks (shards), each running up to
     ``location_concurrency`` locations at once (threads); every shard task takes a slot of ``pool``
@@ -426,6 +434,7 @@ class SyncConfig(_Model):
     shards: ShardsConfig = Field(default_factory=ShardsConfig)
     deletes: DeletesConfig = Field(default_factory=DeletesConfig)
     verify: VerifyConfig = Field(default_factory=VerifyConfig)
+    quota: QuotaConfig = Field(default_factory=QuotaConfig)
     mapping: MappingConfig
     quality: QualityConfig = Field(default_factory=QualityConfig)
     state: StateConfig = Field(default_factory=StateConfig)

@@ -136,7 +136,7 @@ def plan_fleet(
     quiet = len(known - set(work)) if not requested else 0
     size = batch_rows or config.batch_size
     sending = {name: (config.location(name), w.rows) for name, w in work.items() if not w.reason}
-    forecasts = quota.plan_quota(eng, tables, sending, run_id=o.run_id, reserve=o.daily_reserve)
+    forecasts = quota.plan_quota(eng, tables, sending, run_id=o.run_id, reserve=config.quota.daily_reserve)
     item_rows = {name: quota.item_rows(forecasts.get(name), size, w.rows) for name, w in work.items()}
     with eng.connect() as conn:
         items = [

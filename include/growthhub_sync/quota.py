@@ -8,7 +8,7 @@ million rows takes five days. The plan forecasts it for every location with work
 - **quota left today**: the lowest figure known for today: the location's limiter (the shared
   Redis state, or this process's) and the last figure a run of today recorded from GrowthHub's
   ``X-RateLimit-Daily-Remaining`` (the run row's ``daily_remaining``); nothing known: the daily
-  limit. ``SyncOptions.daily_reserve`` of it is kept for other traffic;
+  limit. ``quota.daily_reserve`` of it (config) is kept for other traffic;
 - **deferred to tomorrow**: what does not fit, and the **ETA**: the UTC day the backlog is sent
   at ``daily limit - reserve`` rows a day, one run (the first of each day) draining a day's worth.
 

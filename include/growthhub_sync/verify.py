@@ -181,7 +181,7 @@ def verify_run(
     expected = _expected_payloads(config, location, engine, chosen)
     out.skip("changed_since_sent", len(chosen) - len(expected))
     readable = [(key, contact_id) for key, (contact_id, _) in chosen.items() if key in expected]
-    readable = _within_daily_quota(client, readable, out)
+    readable = _within_daily_quota(client, readable, config.quota.daily_reserve, out)
     answers = _read_all(client, [contact_id for _, contact_id in readable])  # type: ignore[arg-type]
     for (key, contact_id), found in zip(readable, answers, strict=True):
         if found is _SPENT:
@@ -254,14 +254,14 @@ def _as_sent(payload: dict[str, Any], sent_hash: str, warn_only: Sequence[str]) 
     return None
 
 
-def _within_daily_quota(client: Any, readable: list[T], out: Verification) -> list[T]:
-    """As many of ``readable`` as the location's known daily quota still allows: reads spend it
-    too, and a day spent on sending (a backlog draining) leaves none; the others are skipped
-    (``daily_quota_spent``), not read into a 429."""
+def _within_daily_quota(client: Any, readable: list[T], reserve: int, out: Verification) -> list[T]:
+    """As many of ``readable`` as the location's known daily quota still allows above ``reserve``:
+    reads spend it too, and a day spent on sending (a backlog draining) leaves none; the others are
+    skipped (``daily_quota_spent``), not read into a 429."""
     left = getattr(client, "daily_remaining", None)
-    if left is None or left >= len(readable):
+    if left is None or left - reserve >= len(readable):
         return readable
-    allowed = max(left, 0)
+    allowed = max(left - reserve, 0)
     out.skip("daily_quota_spent", len(readable) - allowed)
     return readable[:allowed]
 

@@ -178,6 +178,29 @@ def test_runs_after_the_quota_is_spent_defer_without_failing_until_the_next_day(
     assert run("next-day")["created"] == 21
 
 
+@pytest.mark.integration
+def test_the_daily_reserve_is_left_for_other_traffic(
+    warehouse: Warehouse,
+    make_config: Callable[..., SyncConfig],
+    small_quota: SandboxAdmin,
+    days: list[int],
+) -> None:
+    seed_demo(warehouse.engine, DAILY, schema=warehouse.schema, start=T0, bad_share=0.0)
+    cfg = make_config(quota={"daily_reserve": 100})
+    out = sync_all(
+        cfg, _window(0), SyncOptions(run_id="reserved", dag_id="tests"),
+        engine=warehouse.engine, upserter=growthhub_upserter,
+    )  # fmt: skip
+    (result,) = out["results"]
+    assert (result["status"], result["created"], result["deferred"]) == ("success", DAILY - 100, 100)
+    forecast = result["quota"]
+    assert (forecast["quota_left"], forecast["deferred"]) == (DAILY, 100), "left today, less the reserve"
+    assert result["daily_remaining"] == 100, "the reserve is not spent, on reads either"
+    assert small_quota.stats()["requests"][UPSERT] == {"200": DAILY - 100}
+    with pytest.raises(ValueError, match="daily_reserve"):
+        make_config(quota={"daily_reserve": -1})
+
+
 def _source_keys(wh: Warehouse) -> list[str]:
     from growthhub_sync.demo import contacts_table
 
