@@ -171,6 +171,14 @@ def test_a_contact_ignored_on_create_or_gone_is_a_difference(
     }  # fmt: skip
     assert again.fields["city"]["count"] == out["verify"]["fields"]["city"]["count"] - 1
 
+    # GrowthHub failing every read (after the client's retries): nothing compared, nothing raised
+    crm.set_faults(error_rate=1.0, error_statuses=[503])
+    quick = GrowthHubHook(location_id="loc1", max_attempts=2, backoff_initial_s=0.01, backoff_max_s=0.01)
+    failing = verify_run(cfg, cfg.location("default"), seeded.engine, "r1", quick)
+    assert failing is not None
+    assert (failing.checked, failing.mismatched, failing.skipped) == (0, 0, {"unreadable": 10})
+    assert crm.stats()["requests"][GET]["503"] == 20, "each read tried twice"
+
 
 def test_sample_size_rules() -> None:
     default = VerifyConfig()
