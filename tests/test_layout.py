@@ -49,6 +49,7 @@ LAYERS = {
     "pipeline": 7,
     "alerts": 7,
     "deletes": 7,
+    "routing": 7,
     "orchestration": 8,
     "operator_view": 8,
     "fleet": 8,

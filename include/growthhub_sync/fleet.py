@@ -10,8 +10,8 @@ writes it). :func:`sync_all` does all three in one process (tests, benchmarks).
 With ``locations.from_column`` a row's location is that column's value, and the locations are
 those the agency connection has installed (a :data:`Directory`); rows naming no installed
 location are never sent: they are quarantined under their value (:data:`~growthhub_sync.config.UNROUTED`
-when NULL or blank) with a ``location_*`` reason code. Without it, the configured list is the
-directory and every location is counted on its own, as before.
+when NULL or blank) with a ``location_*`` reason code (:mod:`~growthhub_sync.routing`). Without it,
+the configured list is the directory and every location is counted on its own, as before.
 
 One location's failure never stops the others: a refused token or a config error of location X is
 recorded for X (:mod:`~growthhub_sync.failures`), X's remaining work is skipped, X's run row is
@@ -28,12 +28,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sqlalchemy import String, cast, func, select, tuple_, union_all, update
+from sqlalchemy import String, cast, func, select, union_all
 
-from growthhub_sync import deletes, failures, quota, state, winners
+from growthhub_sync import deletes, failures, quota, routing, state, winners
 from growthhub_sync.config import UNROUTED, ConfigError
 from growthhub_sync.extract import KeyRange, Source, Window, plan_key_ranges
-from growthhub_sync.outcomes import QuarantineRow, Summary, SyncInvariantError
+from growthhub_sync.outcomes import Summary, SyncInvariantError
 from growthhub_sync.pipeline import (
     SyncOptions,
     data_docs,
@@ -44,18 +44,15 @@ from growthhub_sync.pipeline import (
     sync_batch,
     sync_window,
 )
-from growthhub_sync.reasons import LOCATION_MISSING, LOCATION_NOT_INSTALLED, LOCATION_UNKNOWN, REASONS
 from growthhub_sync.upsert import UpserterSource, check_access, require_connection
 from growthhub_sync.warehouse import get_engine
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine
 
-    from growthhub_sync.config import LocationConfig, SyncConfig
+    from growthhub_sync.config import SyncConfig
 
 log = logging.getLogger(__name__)
-
-_QUARANTINE_ROWS = 2000  # keys per transaction when quarantining rows that name no location
 
 
 class InstalledLocation(Protocol):
@@ -195,21 +192,10 @@ def _routed_work(
     with eng.connect() as conn:
         for found, n in conn.execute(union_all(in_window, held)):
             loc = names.get(found) or overrides.get(found)
-            name, reason = _route(found, loc.location_id if loc else found, installed)
+            name, reason = routing.route(found, loc.location_id if loc else found, installed)
             work.setdefault(loc.name if loc else name, _Work(reason=reason)).rows += n
     known = {overrides[i].name if i in overrides else i for i, ok in installed.items() if ok}
     return work, known
-
-
-def _route(
-    value: str | None, location_id: str | None, installed: Mapping[str, bool]
-) -> tuple[str, str | None]:
-    """(location name, quarantine reason or ``None``) of a row whose location column is ``value``."""
-    if value is None or not value.strip() or value == UNROUTED:
-        return UNROUTED, LOCATION_MISSING
-    if location_id not in installed:
-        return value, LOCATION_UNKNOWN
-    return value, None if installed[location_id] else LOCATION_NOT_INSTALLED
 
 
 def _listed_work(
@@ -360,7 +346,7 @@ def _sync_location(
     try:
         if reason := items[0].get("reason"):
             win = sync_window(window, o.full_refresh)
-            batches.append(quarantine_unroutable(config, loc, win, reason, o, eng))
+            batches.append(routing.quarantine_unroutable(config, loc, win, reason, o, eng))
             return {"location": name, "batches": batches, "failure": None}
         if upserter is None and not o.dry_run:  # a bad token fails before anything is sent
             require_connection(loc)
@@ -380,74 +366,6 @@ def _sync_location(
         failures.record_failure(eng, state.state_tables(config.state), o.run_id, failure)
         return {"location": name, "batches": batches, "failure": failure.headline()}
     return {"location": name, "batches": batches, "failure": None}
-
-
-def quarantine_unroutable(
-    config: SyncConfig, location: LocationConfig, win: Window, reason: str, o: SyncOptions, eng: Engine
-) -> dict[str, Any]:
-    """Quarantine the run's rows of a location they may not be sent to, with ``reason``.
-
-    One open quarantine row per key whatever the runs (a later run counts another attempt);
-    their pending rows are cleared. Returns the batch summary (extracted = quarantined).
-    """
-    tables = state.state_tables(config.state)
-    source = Source(config, location, tables, eng.dialect.name)
-    with eng.connect() as conn:
-        keys = [str(k) for k in conn.execute(select(source.key).where(source.scope(win))).scalars()]
-    summary = Summary(extracted=len(keys), quarantined=len(keys), max_samples=0)
-    summary.reasons[reason] = len(keys)
-    message = f"location {location.location_id!r}: {REASONS[reason]}"
-    for i in range(0, 0 if o.dry_run else len(keys), _QUARANTINE_ROWS):
-        part = keys[i : i + _QUARANTINE_ROWS]
-        with eng.begin() as conn:
-            store = state.StateStore(conn, tables, location.name, run_id=o.run_id, dag_id=o.dag_id)
-            store.quarantine([QuarantineRow(k, "quality", [message], (reason,), None, None) for k in part])
-            store.clear_pending(part)
-    log.info("location %s: %d row(s) quarantined (%s)", location.name, len(keys), reason)
-    return summary.as_dict()
-
-
-def resolve_moved(config: SyncConfig, eng: Engine, win: Window, run_id: str) -> int:
-    """Resolve the open quarantine rows of keys whose location column names another location now.
-
-    A row quarantined at ``_unrouted`` (or an unknown location) and fixed at the source is a changed
-    row: this run synced, quarantined or deferred it at its new location, and the old row says
-    nothing true any more. Only keys in the window, and only once the new location holds an
-    outcome for the key (ledger, open quarantine or pending row): a row no run handled stays open.
-    """
-    tables = state.state_tables(config.state)
-    q, src = tables.quarantine, Source(config, config.location(UNROUTED), tables, eng.dialect.name)
-    by_value = {loc.location_id: loc.name for loc in config.locations}
-    by_value.update((loc.name, loc.name) for loc in config.locations)  # a name wins, as in the plan
-    column = cast(src.table.c[config.location_routing.from_column], String)
-    held = (
-        select(q.c.id, q.c.location, q.c.source_key, column)
-        .join(src.table, q.c.source_key == cast(src.key, String))
-        .where(q.c.status == "open", src.in_window(win))
-    )
-    moved: dict[tuple[str, str], list[int]] = defaultdict(list)
-    with eng.connect() as conn:
-        for qid, held_at, key, found in conn.execute(held):
-            now_at = UNROUTED if found is None or not found.strip() else by_value.get(found, found)
-            if now_at != held_at:
-                moved[(now_at, key)].append(qid)
-        handled: set[tuple[str, str]] = set()
-        pairs = list(moved)
-        for i in range(0, len(pairs), 500):
-            for table in (tables.ledger, tables.pending, q):
-                which = tuple_(table.c.location, table.c.source_key).in_(pairs[i : i + 500])
-                stmt = select(table.c.location, table.c.source_key).where(which)
-                stmt = stmt.where(q.c.status == "open") if table is q else stmt
-                handled.update((loc, key) for loc, key in conn.execute(stmt))
-    ids = [qid for pair in handled for qid in moved[pair]]
-    if not ids:
-        return 0
-    with eng.begin() as conn:
-        for i in range(0, len(ids), 500):
-            done = update(q).where(q.c.id.in_(ids[i : i + 500]), q.c.status == "open")
-            conn.execute(done.values(status="resolved", resolved_at=state.utcnow()))
-    log.info("run %s: %d quarantine row(s) resolved: their rows moved to another location", run_id, len(ids))
-    return len(ids)
 
 
 # -- finalize ------------------------------------------------------------------------------------
@@ -475,6 +393,8 @@ def finalize_fleet(
             batches[done["location"]].extend(done["batches"])
     with eng.connect() as conn:  # what every shard (and every retry) recorded
         recorded = {f.location: f for f in failures.recorded_failures(conn, tables, o.run_id)}
+    if config.location_routing.from_column and not o.dry_run:  # before the run rows count backlogs
+        routing.resolve_moved(config, eng, sync_window(plan["window"], o.full_refresh), o.run_id)
     results, broken = [], []
     for name in plan["locations"]:
         failure = recorded.get(name)
@@ -491,8 +411,6 @@ def finalize_fleet(
             failures.record_failure(eng, tables, o.run_id, failure)
         forecast = plan.get("quota", {}).get(name)
         results.append({**out, "location_id": config.location(name).location_id, "quota": forecast})
-    if config.location_routing.from_column and not o.dry_run:
-        resolve_moved(config, eng, sync_window(plan["window"], o.full_refresh), o.run_id)
     docs = data_docs(config, o) if o.keep_results and any(r.get("checked") for r in results) else None
     if broken:
         raise SyncInvariantError("; ".join(broken))

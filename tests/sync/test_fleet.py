@@ -357,6 +357,37 @@ def test_a_row_moved_to_another_location_leaves_the_old_quarantine_once_handled_
     assert ("loc_zzz", zzz) in after, "kept open until loc_b handles it"
 
 
+def test_a_deferred_row_moved_to_another_location_leaves_the_old_backlog(
+    warehouse: Warehouse, fleet_config: SyncConfig
+) -> None:
+    routed = _routed(warehouse, VALUES)
+    crm = Fleet()
+    crm.crms["loc_a"] = FakeCRM(quota=0)  # loc_a's quota is spent: its rows wait
+    _sync(fleet_config, warehouse, "r1", crm)
+    waiting = sorted(str(k) for k, v in routed.items() if v == "loc_a")
+    assert _pending(fleet_config, warehouse) == [("loc_a", k) for k in waiting]
+    to_b, to_unknown = waiting[:2]
+    name = f'"{warehouse.schema}".crm_contacts' if warehouse.schema else "crm_contacts"
+    with warehouse.engine.begin() as conn:
+        for key, value in ((to_b, "loc_b"), (to_unknown, "loc_new")):
+            conn.execute(text(f"UPDATE {name} SET location_id = :v WHERE id = :k"), {"v": value, "k": key})
+
+    out = _sync(fleet_config, warehouse, "r2", crm)
+
+    assert to_b in {k for k, _ in crm.crms["loc_b"].sent}
+    held = {(loc, key) for loc, key, *_ in _open_quarantine(fleet_config, warehouse)}
+    assert ("loc_new", to_unknown) in held
+    assert _pending(fleet_config, warehouse) == [("loc_a", k) for k in waiting[2:]]
+    loc_a = next(r for r in out["results"] if r["location"] == "loc_a")
+    assert loc_a["backlog"] == len(waiting) - 2
+
+
+def _pending(config: SyncConfig, warehouse: Warehouse) -> list[tuple[str, str]]:
+    p = state.state_tables(config.state).pending
+    with warehouse.engine.connect() as conn:
+        return sorted((loc, key) for loc, key in conn.execute(select(p.c.location, p.c.source_key)))
+
+
 def test_replay_resends_rows_of_installed_locations_and_leaves_unroutable_ones_waiting(
     warehouse: Warehouse, fleet_config: SyncConfig
 ) -> None:
